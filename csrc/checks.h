@@ -1,0 +1,107 @@
+// Argument validation at every op's entry (CPU and CUDA): the Python modules validate the way torch.nn
+// does, but the ops are public (torch.ops.gatedrnn.*) and must never read out of bounds on bad input.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace gatedrnn {
+
+// Sizes of one layer-direction call. Dense input is [T, B, I]; packed input is [N, I] with batch_sizes.
+struct LayerShape {
+  int64_t rows;        // N: total rows of the (packed) sequence, T * B when dense
+  int64_t steps;       // T
+  int64_t batch;       // B: rows of the first (largest) step
+  int64_t input_size;  // I
+  int64_t hidden;      // H
+  int64_t state;       // R: size of the recurrent state h (proj_size if projecting, else H)
+};
+
+inline void check_same_dtype_device(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " to have dtype ", ref.scalar_type(),
+              " (the dtype of input), but got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " to be on ", ref.device(),
+              " (the device of input), but got ", t.device());
+}
+
+inline void check_shape(const char* op, const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of size ", expected, ", but got ", t.sizes());
+}
+
+inline void check_float_dtype(const char* op, const at::Tensor& input) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": expected a floating point input (float32, float64, bfloat16 or float16), but got ", dt);
+}
+
+// Validates the packed layout: a 1-D int64 CPU tensor of positive, non-increasing sizes summing to N.
+// Returns the largest batch (batch_sizes[0]).
+inline int64_t check_batch_sizes(const char* op, const at::Tensor& batch_sizes, int64_t rows) {
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu(), op,
+              ": batch_sizes must be a 1-D int64 CPU tensor (as in a PackedSequence), but got a ", batch_sizes.dim(),
+              "-D ", batch_sizes.scalar_type(), " tensor on ", batch_sizes.device());
+  TORCH_CHECK(batch_sizes.size(0) > 0, op, ": batch_sizes must not be empty");
+  const auto contiguous = batch_sizes.contiguous();
+  const int64_t* bs = contiguous.const_data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t t = 0; t < batch_sizes.size(0); ++t) {
+    TORCH_CHECK(bs[t] > 0, op, ": batch_sizes must be positive, but batch_sizes[", t, "] = ", bs[t]);
+    TORCH_CHECK(t == 0 || bs[t] <= bs[t - 1], op, ": batch_sizes must be non-increasing, but batch_sizes[", t,
+                "] = ", bs[t], " > batch_sizes[", t - 1, "] = ", bs[t - 1]);
+    total += bs[t];
+  }
+  TORCH_CHECK(total == rows, op, ": batch_sizes sum to ", total, " but the packed input has ", rows, " rows");
+  return bs[0];
+}
+
+// Checks everything the forward ops share and returns the sizes. `gates` is 4 (LSTM) or 3 (GRU).
+inline LayerShape check_layer_args(const char* op, int64_t gates, const at::Tensor& input,
+                                   const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& w_hr) {
+  check_float_dtype(op, input);
+  LayerShape s{};
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 2, op, ": packed input must be 2-D [rows, input_size], but got ", input.dim(), "-D");
+    s.rows = input.size(0);
+    s.batch = check_batch_sizes(op, *batch_sizes, s.rows);
+    s.steps = batch_sizes->size(0);
+  } else {
+    TORCH_CHECK(input.dim() == 3, op, ": dense input must be 3-D [seq_len, batch, input_size], but got ",
+                input.dim(), "-D");
+    s.steps = input.size(0);
+    s.batch = input.size(1);
+    s.rows = s.steps * s.batch;
+  }
+  s.input_size = input.size(-1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, op, ": weights must be 2-D");
+  TORCH_CHECK(w_ih.size(0) % gates == 0 && w_ih.size(0) > 0, op, ": weight_ih must have ", gates,
+              " * hidden_size rows, but has ", w_ih.size(0));
+  s.hidden = w_ih.size(0) / gates;
+  s.state = s.hidden;
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden && w_hr->size(0) > 0, op,
+                ": weight_hr must be [proj_size, ", s.hidden, "], but got ", w_hr->sizes());
+    check_same_dtype_device(op, input, *w_hr, "weight_hr");
+    s.state = w_hr->size(0);
+  }
+  check_same_dtype_device(op, input, w_ih, "weight_ih");
+  check_same_dtype_device(op, input, w_hh, "weight_hh");
+  check_same_dtype_device(op, input, h0, "hx");
+  check_shape(op, w_ih, {gates * s.hidden, s.input_size}, "weight_ih");
+  check_shape(op, w_hh, {gates * s.hidden, s.state}, "weight_hh");
+  check_shape(op, h0, {s.batch, s.state}, "hx");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": bias_ih and bias_hh must be given together");
+  if (b_ih.has_value()) {
+    check_same_dtype_device(op, input, *b_ih, "bias_ih");
+    check_same_dtype_device(op, input, *b_hh, "bias_hh");
+    check_shape(op, *b_ih, {gates * s.hidden}, "bias_ih");
+    check_shape(op, *b_hh, {gates * s.hidden}, "bias_hh");
+  }
+  return s;
+}
+
+}  // namespace gatedrnn

@@ -1,0 +1,40 @@
+"""Loads the compiled extension, loudly: gatedrnn has no silent pure-Python fallback."""
+import torch  # noqa: F401  (must be imported before the extension's shared library is loaded)
+
+try:
+    from . import _C
+except ImportError as error:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "gatedrnn's compiled extension (gatedrnn._C) could not be loaded: "
+        f"{error}.\nBuild it from the repository root with:\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(torch must be installed first; a CUDA build of torch also builds the CUDA sources). "
+        "gatedrnn does not fall back to a slow Python implementation."
+    ) from error
+
+# Every op the package calls; a build that lacks one is as broken as a missing library.
+OPS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
+
+
+def backend_info():
+    """What the extension was built with and which devices have fused kernels registered.
+
+    Returns a dict: ``cpu`` (True when every op has a CPU kernel), ``cuda`` (True when every op has a CUDA
+    kernel), ``cuda_compiled`` (the CUDA sources were built), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST
+    they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``library``
+    (path of the shared library) and ``torch`` (the torch version running).
+    """
+    build = _C.build_info()
+
+    def has_kernels(dispatch_key):
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn::{op}", dispatch_key) for op in OPS)
+
+    return {
+        "cpu": has_kernels("CPU"),
+        "cuda": has_kernels("CUDA"),
+        "cuda_compiled": build["cuda"],
+        "cuda_archs": build["cuda_archs"],
+        "cuda_runtime": build["cuda_runtime"],
+        "library": _C.__file__,
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,150 @@
+"""Python face of the compiled ops: fake (meta) kernels for torch.compile, and autograd.
+
+The ops are defined in csrc/gatedrnn.cpp. Each forward op covers one layer and direction over a whole
+sequence; `register_autograd` routes its backward to our own backward op, so autograd never sees the
+per-step math. The functions at the bottom are what gatedrnn.functional calls.
+"""
+import torch
+
+from . import _extension  # noqa: F401  (loads the library that defines torch.ops.gatedrnn)
+
+_ops = torch.ops.gatedrnn
+
+
+def _compute_dtype(dtype):
+    # Must agree with compute_dtype() in csrc/cpu/loops.h: saved activations are kept in float32 for
+    # half/bfloat16 storage.
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _output_shape(input, state_size):
+    return (*input.shape[:-1], state_size)
+
+
+def _rows(input):
+    return input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[1]
+
+
+# ----------------------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("gatedrnn::lstm_forward")
+def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                       save_for_backward):
+    hidden = weight_ih.shape[0] // 4
+    state = hx.shape[-1]
+    saved_dtype = _compute_dtype(input.dtype)
+    rows = _rows(input)
+    output = input.new_empty(_output_shape(input, state))
+    if save_for_backward:
+        gates = input.new_empty((rows, 4 * hidden), dtype=saved_dtype)
+        cells = input.new_empty((rows, hidden), dtype=saved_dtype)
+    else:
+        gates = input.new_empty((0,), dtype=saved_dtype)
+        cells = input.new_empty((0,), dtype=saved_dtype)
+    return output, torch.empty_like(hx), torch.empty_like(cx), gates, cells
+
+
+@torch.library.register_fake("gatedrnn::lstm_backward")
+def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
+                        output, gates, cells, reverse, has_bias):
+    hidden = weight_ih.shape[0] // 4
+    grad_bias = input.new_empty((4 * hidden,) if has_bias else (0,))
+    grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty((0,))
+    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(weight_ih),
+            torch.empty_like(weight_hh), grad_bias, grad_weight_hr)
+
+
+@torch.library.register_fake("gatedrnn::gru_forward")
+def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward):
+    hidden = weight_ih.shape[0] // 3
+    saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
+    saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
+    return input.new_empty(_output_shape(input, hidden)), torch.empty_like(hx), saved
+
+
+@torch.library.register_fake("gatedrnn::gru_backward")
+def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
+                       has_bias):
+    hidden = weight_ih.shape[0] // 3
+    bias_shape = (3 * hidden,) if has_bias else (0,)
+    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+            input.new_empty(bias_shape), input.new_empty(bias_shape))
+
+
+# ----------------------------------------------------------------------------------------- autograd
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save = inputs
+    out, _, _, gates, cells = output
+    ctx.reverse = reverse
+    ctx.has_bias = bias_ih is not None
+    ctx.has_proj = weight_hr is not None
+    ctx.saved_forward = save
+    ctx.mark_non_differentiable(gates, cells)
+    ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells)
+
+
+def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+    if not ctx.saved_forward:
+        raise RuntimeError("gatedrnn: lstm_forward was called with save_for_backward=False; it cannot be "
+                           "differentiated. Call it with save_for_backward=True when gradients are needed.")
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells = ctx.saved_tensors
+    grads = _ops.lstm_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
+        batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse, ctx.has_bias)
+    d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
+    d_bias = d_bias if ctx.has_bias else None
+    d_w_hr = d_w_hr if ctx.has_proj else None
+    # Both biases enter the gates as a sum, so they get the same gradient.
+    return d_input, None, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_bias, d_w_hr, None, None
+
+
+torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
+
+
+def _gru_setup_context(ctx, inputs, output):
+    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save = inputs
+    out, _, saved = output
+    ctx.reverse = reverse
+    ctx.has_bias = bias_ih is not None
+    ctx.saved_forward = save
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, out, saved)
+
+
+def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
+    if not ctx.saved_forward:
+        raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
+                           "differentiated. Call it with save_for_backward=True when gradients are needed.")
+    input, batch_sizes, hx, weight_ih, weight_hh, out, saved = ctx.saved_tensors
+    d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
+        weight_hh, out, saved, ctx.reverse, ctx.has_bias)
+    if not ctx.has_bias:
+        d_b_ih = d_b_hh = None
+    return d_input, None, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None, None
+
+
+torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def _needs_saving(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
+    """One LSTM layer and direction. Returns (output, hy, cy)."""
+    save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    output, hy, cy, _, _ = _ops.lstm_forward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                             weight_hr, reverse, save)
+    return output, hy, cy
+
+
+def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
+    """One GRU layer and direction. Returns (output, hy)."""
+    save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    output, hy, _ = _ops.gru_forward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save)
+    return output, hy

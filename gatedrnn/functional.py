@@ -1,0 +1,89 @@
+"""Multi-layer and bidirectional orchestration over the per-layer ops.
+
+The math of one layer and direction lives in the compiled ops (gatedrnn._ops); what is left here is the
+part torch.nn keeps in its own C++: looping over layers and directions, concatenating the two
+directions' outputs, inter-layer dropout and stacking the final states. gatedrnn.reference runs this same
+orchestration over its pure-PyTorch layers, so the two differ only in the per-layer math.
+
+Tensors are time-major: dense input is [T, B, I]; packed input is a PackedSequence's data [N, I] with its
+batch_sizes. `weights` is the flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for
+each direction, weight_ih, weight_hh, then bias_ih, bias_hh if `bias`, then weight_hr if projecting.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import _ops
+
+
+def _layer_weights(weights, index, bias, proj):
+    per_layer = 2 + (2 if bias else 0) + (1 if proj else 0)
+    w = weights[index * per_layer:(index + 1) * per_layer]
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+    w_hr = w[-1] if proj else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num_layers, bidirectional, dropout,
+               training):
+    """Runs `layer_fn` over layers x directions.
+
+    states: tuple of [num_layers * directions, B, *] initial states (hx,) or (hx, cx).
+    layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) returns
+    (output, *final_states). Returns (output, tuple of stacked final states).
+    """
+    directions = 2 if bidirectional else 1
+    finals = [[] for _ in states]
+    layer_input = input
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            layer_states = [s[index] for s in states]
+            output, *final = layer_fn(layer_input, batch_sizes, *layer_states,
+                                      *_layer_weights(weights, index, bias, proj), reverse=direction == 1)
+            outputs.append(output)
+            for collected, state in zip(finals, final):
+                collected.append(state)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, tuple(torch.stack(f, dim=0) for f in finals)
+
+
+def lstm_over(layer_fn):
+    """A multi-layer LSTM built on `layer_fn` (one layer and direction -> (output, hy, cy))."""
+
+    def lstm(input, batch_sizes, hx, cx, weights, *, bias=True, proj=False, num_layers=1, bidirectional=False,
+             dropout=0.0, training=False):
+        """Multi-layer LSTM over time-major input. Returns (output, (h_n, c_n)) as torch.nn.LSTM does."""
+        return run_layers(layer_fn, input, batch_sizes, (hx, cx), weights, bias=bias, proj=proj,
+                          num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training)
+
+    return lstm
+
+
+def gru_over(layer_fn):
+    """A multi-layer GRU built on `layer_fn` (one layer and direction -> (output, hy))."""
+
+    def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
+            training=False):
+        """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does."""
+        output, (hy,) = run_layers(layer_fn, input, batch_sizes, (hx,), weights, bias=bias, proj=False,
+                                   num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+                                   training=training)
+        return output, hy
+
+    return gru
+
+
+def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+
+
+def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+lstm = lstm_over(_lstm_layer)
+gru = gru_over(_gru_layer)

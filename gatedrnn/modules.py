@@ -1,0 +1,377 @@
+"""gatedrnn.LSTM, GRU, LSTMCell, GRUCell: torch.nn's interface over gatedrnn's fused ops.
+
+Parameters have torch.nn's names, shapes, registration order and initialisation, so state_dicts load both
+ways and the same seed gives the same weights. Input validation raises torch.nn's exception types with
+its messages. These classes deliberately do not subclass torch.nn.RNNBase: Dynamo graph-breaks on
+torch.nn's RNN classes, and compiling without a break is one of gatedrnn's reasons to exist.
+"""
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _ops, functional
+
+
+def _check_no_empty_sequence(input, batch_sizes, batch_first):
+    if batch_sizes is None and input.size(1 if batch_first else 0) == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+
+class _RNNBase(nn.Module):
+    """Shared by LSTM and GRU: construction, parameters and the checks torch.nn's RNNBase performs."""
+
+    __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                     "bidirectional", "proj_size"]
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             "element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and "
+                          f"num_layers={num_layers}", stacklevel=3)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        gate_size = {"LSTM": 4, "GRU": 3}[mode] * hidden_size
+        directions = 2 if bidirectional else 1
+        state_size = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names = []
+        self._all_weights = []
+        for layer in range(num_layers):
+            for direction in range(directions):
+                layer_input_size = input_size if layer == 0 else state_size * directions
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (gate_size, layer_input_size)), ("weight_hh", (gate_size, state_size))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for kind, shape in shapes:
+                    name = f"{kind}_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self):
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self):
+        """No-op, kept for code written for torch.nn (gatedrnn re-lays weights out per call when needed)."""
+
+    def reset_parameters(self):
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self):
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ----------------------------------------------------------------------------- torch.nn's checks
+    def check_input(self, input, batch_sizes):
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                             f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {input.size(-1)}")
+
+    def _batch_size(self, input, batch_sizes):
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0) if self.batch_first else input.size(1)
+
+    def get_expected_hidden_size(self, input, batch_sizes):
+        directions = 2 if self.bidirectional else 1
+        state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * directions, self._batch_size(input, batch_sizes), state_size)
+
+    def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def _zero_state(self, input, batch, size):
+        directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * directions, batch, size, dtype=input.dtype, device=input.device)
+
+    def _unpack(self, input):
+        """Returns (time-major data, batch_sizes, sorted_indices, unsorted_indices, is_batched)."""
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            return data, batch_sizes, sorted_indices, unsorted_indices, True
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        return input, None, None, None, input.dim() == 3
+
+    def _run(self, input, batch_sizes, states):
+        """Checks the input like torch.nn and runs the layers. `input` is batch-first when batch_first."""
+        if batch_sizes is None and self.batch_first:
+            input = input.transpose(0, 1)
+        kwargs = dict(bias=self.bias, num_layers=self.num_layers, bidirectional=self.bidirectional,
+                      dropout=self.dropout, training=self.training)
+        if self.mode == "LSTM":
+            output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
+                                             proj=self.proj_size > 0, **kwargs)
+        else:
+            output, hy = functional.gru(input, batch_sizes, *states, self._flat_weights, **kwargs)
+            finals = (hy,)
+        if batch_sizes is None and self.batch_first:
+            output = output.transpose(0, 1)
+        return output, finals
+
+
+def _permute(states, permutation):
+    if permutation is None:
+        return states
+    return tuple(s.index_select(1, permutation) for s in states)
+
+
+def _wrap_output(output, batch_sizes, sorted_indices, unsorted_indices):
+    if batch_sizes is None:
+        return output
+    return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+
+
+class LSTM(_RNNBase):
+    """Drop-in replacement for torch.nn.LSTM (same arguments, parameters, inputs and outputs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        directions = 2 if self.bidirectional else 1
+        return (self.num_layers * directions, self._batch_size(input, batch_sizes), self.hidden_size)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def forward(self, input, hx=None):
+        data, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._unpack(input)
+        state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if batch_sizes is None:
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                data = data.unsqueeze(batch_dim)
+            if hx is not None:
+                expected = 3 if is_batched else 2
+                if hx[0].dim() != expected or hx[1].dim() != expected:
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, hx and cx should also be {expected}-D but got "
+                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        batch = self._batch_size(data, batch_sizes)
+        if hx is None:
+            hx = (self._zero_state(data, batch, state_size), self._zero_state(data, batch, self.hidden_size))
+        self.check_forward_args(data, hx, batch_sizes)
+        _check_no_empty_sequence(data, batch_sizes, self.batch_first)
+        hx = _permute(hx, sorted_indices)
+        output, (hy, cy) = self._run(data, batch_sizes, hx)
+        hy, cy = _permute((hy, cy), unsorted_indices)
+        if batch_sizes is None and not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hy, cy = hy.squeeze(1), cy.squeeze(1)
+        return _wrap_output(output, batch_sizes, sorted_indices, unsorted_indices), (hy, cy)
+
+
+class GRU(_RNNBase):
+    """Drop-in replacement for torch.nn.GRU (same arguments, parameters, inputs and outputs)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def forward(self, input, hx=None):
+        data, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._unpack(input)
+        if batch_sizes is None:
+            if not is_batched:
+                data = data.unsqueeze(0 if self.batch_first else 1)
+            if hx is not None:
+                expected = 3 if is_batched else 2
+                if hx.dim() != expected:
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got "
+                                       f"{hx.dim()}-D tensor")
+                if not is_batched:
+                    hx = hx.unsqueeze(1)
+        if hx is None:
+            hx = self._zero_state(data, self._batch_size(data, batch_sizes), self.hidden_size)
+        self.check_forward_args(data, hx, batch_sizes)
+        _check_no_empty_sequence(data, batch_sizes, self.batch_first)
+        (hx,) = _permute((hx,), sorted_indices)
+        output, (hy,) = self._run(data, batch_sizes, (hx,))
+        (hy,) = _permute((hy,), unsorted_indices)
+        if batch_sizes is None and not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hy = hy.squeeze(1)
+        return _wrap_output(output, batch_sizes, sorted_indices, unsorted_indices), hy
+
+
+# --------------------------------------------------------------------------------------------- cells
+class _CellBase(nn.Module):
+    """Shared by LSTMCell and GRUCell: torch.nn.RNNCellBase's parameters, init and checks."""
+
+    def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None):
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self._name = name
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self):
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self):
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+
+    def _check_sizes(self, input, states):
+        """The checks torch.nn's fused cell ops make, with their messages."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for index, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} batch size "
+                                   f"{state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected "
+                                   f"{self.hidden_size}")
+
+    def _zeros(self, input):
+        return torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+
+
+class LSTMCell(_CellBase):
+    """Drop-in replacement for torch.nn.LSTMCell: one step, run by the fused LSTM op with T = 1."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__("LSTMCell", input_size, hidden_size, bias, 4, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        self._check_input_dim(input)
+        if hx is not None:
+            for index, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = (self._zeros(input), self._zeros(input))
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_sizes(input, hx)
+        _, hy, cy = _ops.lstm_layer(input.unsqueeze(0), None, hx[0], hx[1], self.weight_ih, self.weight_hh,
+                                    self.bias_ih, self.bias_hh, None, False)
+        if not is_batched:
+            hy, cy = hy.squeeze(0), cy.squeeze(0)
+        return hy, cy
+
+
+class GRUCell(_CellBase):
+    """Drop-in replacement for torch.nn.GRUCell: one step, run by the fused GRU op with T = 1."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        self._check_input_dim(input)
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = self._zeros(input)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        self._check_sizes(input, (hx,))
+        _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                               self.bias_hh, False)
+        return hy if is_batched else hy.squeeze(0)

@@ -1,0 +1,88 @@
+"""Builds gatedrnn._C: the C++ CPU ops always, the CUDA sources when this is a CUDA build.
+
+Install with `pip install --no-build-isolation -e .` so the extension is built against the torch that is
+installed (build isolation would fetch another). See ../shared/BUILD-NOTES.md for the facts behind the
+choices below.
+
+Environment:
+  GATEDRNN_CUDA=1 / 0     force the CUDA build on / off (default: on when torch is a CUDA build and a CUDA
+                          root with nvcc is found; never decided by torch.cuda.is_available(), which is False
+                          on our GPU-less build machines)
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default 8.0;8.6;9.0+PTX: without a visible GPU torch cannot guess)
+  GATEDRNN_DEBUG=1        -O0 -g
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
+
+
+def find_cuda_root():
+    """The real CUDA root: /usr/local/bin/nvcc may be a wrapper script, which would make torch guess
+    CUDA_HOME=/usr/local and fail to link cudart."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isdir(os.path.join(root, "lib64")):
+            return root
+    return None
+
+
+def want_cuda():
+    forced = os.environ.get("GATEDRNN_CUDA")
+    import torch  # noqa: F401  (only to read the build facts, before cpp_extension is imported)
+
+    torch_has_cuda = torch.version.cuda is not None
+    root = find_cuda_root()
+    if forced == "0":
+        return False, root
+    if forced == "1":
+        if not torch_has_cuda:
+            raise RuntimeError("GATEDRNN_CUDA=1 but this torch is a CPU build; install a CUDA build of torch")
+        if root is None:
+            raise RuntimeError("GATEDRNN_CUDA=1 but no CUDA root with bin/nvcc was found; set CUDA_HOME")
+        return True, root
+    return torch_has_cuda and root is not None, root
+
+
+with_cuda, cuda_root = want_cuda()
+if with_cuda:
+    # cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_root
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+debug = os.environ.get("GATEDRNN_DEBUG") == "1"
+# -g0: Python's flags carry -g, which costs ~25 s per file and a 24x larger .so.
+opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+cxx_flags = opt + ["-Wall", "-Wno-unused-parameter"]  # torch chooses the C++ standard (C++20)
+sources = ["csrc/gatedrnn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+define_macros = []
+
+if with_cuda:
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    define_macros += [("GATEDRNN_WITH_CUDA", None), ("GATEDRNN_CUDA_ARCHS", f'"{archs}"')]
+    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    # Fail the build when a kernel spills registers or uses local memory (checked statically by ptxas).
+    nvcc_flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror", "--expt-relaxed-constexpr"]
+    ext = CUDAExtension(
+        "gatedrnn._C",
+        sources,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+else:
+    ext = CppExtension("gatedrnn._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+
+# Name, version and packages live in pyproject.toml.
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)
