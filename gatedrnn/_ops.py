@@ -21,6 +21,11 @@ def _output_shape(input, state_size):
     return (*input.shape[:-1], state_size)
 
 
+def _dense_like(t):
+    # The kernels always return contiguous tensors, whatever the strides of their inputs.
+    return t.new_empty(t.shape)
+
+
 def _rows(input):
     return input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[1]
 
@@ -40,7 +45,7 @@ def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih
     else:
         gates = input.new_empty((0,), dtype=saved_dtype)
         cells = input.new_empty((0,), dtype=saved_dtype)
-    return output, torch.empty_like(hx), torch.empty_like(cx), gates, cells
+    return output, _dense_like(hx), _dense_like(cx), gates, cells
 
 
 @torch.library.register_fake("gatedrnn::lstm_backward")
@@ -48,9 +53,9 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, c
                         output, gates, cells, reverse, has_bias):
     hidden = weight_ih.shape[0] // 4
     grad_bias = input.new_empty((4 * hidden,) if has_bias else (0,))
-    grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty((0,))
-    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), grad_bias, grad_weight_hr)
+    grad_weight_hr = _dense_like(weight_hr) if weight_hr is not None else input.new_empty((0,))
+    return (_dense_like(input), _dense_like(hx), _dense_like(cx), _dense_like(weight_ih),
+            _dense_like(weight_hh), grad_bias, grad_weight_hr)
 
 
 @torch.library.register_fake("gatedrnn::gru_forward")
@@ -58,7 +63,7 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
     hidden = weight_ih.shape[0] // 3
     saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
-    return input.new_empty(_output_shape(input, hidden)), torch.empty_like(hx), saved
+    return input.new_empty(_output_shape(input, hidden)), _dense_like(hx), saved
 
 
 @torch.library.register_fake("gatedrnn::gru_backward")
@@ -66,7 +71,7 @@ def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, 
                        has_bias):
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if has_bias else (0,)
-    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+    return (_dense_like(input), _dense_like(hx), _dense_like(weight_ih), _dense_like(weight_hh),
             input.new_empty(bias_shape), input.new_empty(bias_shape))
 
 

@@ -1,0 +1,64 @@
+"""What ran and what was built: the fused ops really run (not torch.nn, not the reference), and
+backend_info() tells the truth about registered kernels."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gatedrnn
+from utils import DEVICES
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op that reaches the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,op", [("LSTM", "gatedrnn.lstm"), ("GRU", "gatedrnn.gru"),
+                                     ("LSTMCell", "gatedrnn.lstm"), ("GRUCell", "gatedrnn.gru")])
+def test_fused_ops_run_forward_and_backward(mode, op, device):
+    module = getattr(gatedrnn, mode)(4, 5, **({} if "Cell" in mode else {"num_layers": 2})).to(device)
+    x = torch.randn(3, 2, 4, device=device, requires_grad=True)
+    if "Cell" in mode:
+        x = x[0]
+    with OpLog() as log:
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+    calls = [o for o in log.ops if o.startswith("gatedrnn.")]
+    layers = 1 if "Cell" in mode else 2
+    assert calls.count(f"{op}_forward.default") == layers, log.ops
+    assert calls.count(f"{op}_backward.default") == layers, log.ops
+    # nothing of torch.nn's RNN machinery ran
+    assert not [o for o in log.ops if any(k in o for k in ("lstm", "gru")) and not o.startswith("gatedrnn.")]
+
+
+def test_ops_have_only_device_kernels():
+    """No composite (Python-visible decomposition) kernel could run instead of ours."""
+    for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"):
+        name = f"gatedrnn::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+
+
+def test_backend_info():
+    info = gatedrnn.backend_info()
+    assert info["cpu"] is True
+    assert info["torch"] == torch.__version__
+    assert info["library"].endswith(".so") or info["library"].endswith(".pyd")
+    if info["cuda_compiled"]:
+        assert info["cuda_archs"] and info["cuda_runtime"] > 0
+    else:
+        assert info["cuda"] is False and info["cuda_archs"] == ""
+    # CUDA kernels are registered exactly when they are reported.
+    registered = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn::{op}", "CUDA")
+                     for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"))
+    assert info["cuda"] == registered

@@ -1,0 +1,138 @@
+"""Module contract: parameters, initialisation, state_dict interchange, serialisation, cells, repr."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import gatedrnn
+from utils import DEVICES, twins
+
+CONFIGS = [
+    ("LSTM", dict()),
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=2, bias=False)),
+    ("GRU", dict()),
+    ("GRU", dict(num_layers=3, bidirectional=True, batch_first=True, dropout=0.25)),
+]
+
+
+@pytest.mark.parametrize("mode,kwargs", CONFIGS)
+def test_same_parameters_and_initialisation(mode, kwargs):
+    torch.manual_seed(7)
+    reference = getattr(nn, mode)(5, 4, **kwargs)
+    torch.manual_seed(7)
+    ours = getattr(gatedrnn, mode)(5, 4, **kwargs)
+    ref_params, our_params = list(reference.named_parameters()), list(ours.named_parameters())
+    assert [n for n, _ in our_params] == [n for n, _ in ref_params]
+    for (name, a), (_, e) in zip(our_params, ref_params):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert torch.equal(a, e), name  # same seed, same order, same init
+    for attr in ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size", "_flat_weights_names", "_all_weights"]:
+        assert getattr(ours, attr) == getattr(reference, attr), attr
+    assert [[p.shape for p in ws] for ws in ours.all_weights] == [[p.shape for p in ws] for ws in reference.all_weights]
+    assert repr(ours).replace("gatedrnn.", "") == repr(reference)
+
+
+@pytest.mark.parametrize("mode,kwargs", CONFIGS)
+def test_state_dict_both_ways(mode, kwargs):
+    reference = getattr(nn, mode)(5, 4, **kwargs)
+    ours = getattr(gatedrnn, mode)(5, 4, **kwargs)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    fresh = getattr(nn, mode)(5, 4, **kwargs)
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    for a, e in zip(fresh.parameters(), reference.parameters()):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_device_and_dtype_arguments(dtype):
+    m = gatedrnn.LSTM(3, 4, num_layers=2, device="cpu", dtype=dtype)
+    assert all(p.dtype == dtype and p.device.type == "cpu" for p in m.parameters())
+    c = gatedrnn.GRUCell(3, 4, device="cpu", dtype=dtype)
+    assert all(p.dtype == dtype for p in c.parameters())
+
+
+def _roundtrips(module):
+    yield copy.deepcopy(module)
+    yield pickle.loads(pickle.dumps(module))
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    yield torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("mode,kwargs", CONFIGS + [("LSTMCell", {}), ("GRUCell", {})])
+def test_deepcopy_pickle_save_load(mode, kwargs):
+    module = getattr(gatedrnn, mode)(5, 4, **kwargs).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64) if "Cell" in mode else torch.randn(6, 2, 5, dtype=torch.float64)
+    expected = module(x)
+    for copied in _roundtrips(module):
+        assert type(copied) is type(module)
+        torch.testing.assert_close(copied(x), expected, atol=0, rtol=0)
+        # the copy owns its parameters: changing it leaves the original alone
+        with torch.no_grad():
+            next(copied.parameters()).add_(1)
+        torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
+
+
+def test_parameter_replacement_is_used():
+    """Assigning a new Parameter (as weight-norm style code does) takes effect on the next call."""
+    reference, ours = twins("LSTM", 3, 4)
+    new = nn.Parameter(torch.randn_like(reference.weight_hh_l0))
+    reference.weight_hh_l0 = new
+    ours.weight_hh_l0 = nn.Parameter(new.detach().clone())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-12, rtol=1e-10)
+
+
+def test_not_a_torch_nn_rnn_subclass():
+    for cls in (gatedrnn.LSTM, gatedrnn.GRU):
+        assert not issubclass(cls, nn.RNNBase)
+
+
+# ----------------------------------------------------------------------------------------------- cells
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("hx_given", [True, False])
+def test_cells_match_torch_nn(mode, bias, batched, hx_given, device):
+    reference, ours = twins(mode, 5, 4, bias=bias, device=device)
+    shape = (3, 5) if batched else (5,)
+    state_shape = (3, 4) if batched else (4,)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    if hx_given:
+        h = torch.randn(state_shape, dtype=torch.float64, device=device, requires_grad=True)
+        c = torch.randn(state_shape, dtype=torch.float64, device=device, requires_grad=True)
+        args, leaves = ((x, (h, c)) if mode == "LSTMCell" else (x, h)), [x, h] + ([c] if mode == "LSTMCell" else [])
+    else:
+        args, leaves = (x,), [x]
+    results = []
+    for module in (reference, ours):
+        out = module(*args)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outs))
+        results.append((outs, torch.autograd.grad(loss, leaves + list(module.parameters()))))
+    (expected, expected_grads), (actual, actual_grads) = results
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(actual_grads, expected_grads, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+def test_cell_loop_matches_layer(mode):
+    """Stepping a cell over a sequence gives the layer's output (same weights)."""
+    layer_mode = mode.replace("Cell", "")
+    layer = getattr(gatedrnn, layer_mode)(5, 4).double()
+    cell = getattr(gatedrnn, mode)(5, 4).double()
+    cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
+    x = torch.randn(7, 2, 5, dtype=torch.float64)
+    expected, _ = layer(x)
+    state = None
+    outputs = []
+    for t in range(7):
+        state = cell(x[t]) if state is None else cell(x[t], state)
+        outputs.append(state[0] if isinstance(state, tuple) else state)
+    torch.testing.assert_close(torch.stack(outputs), expected, atol=1e-12, rtol=1e-10)

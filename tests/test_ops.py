@@ -1,0 +1,157 @@
+"""The compiled ops themselves: gradcheck in float64, opcheck, and the reference layer functions."""
+import pytest
+import torch
+
+import gatedrnn
+from gatedrnn import _ops, reference
+from utils import DEVICES
+
+I, H, P = 3, 4, 2
+
+
+def lstm_args(packed, reverse, bias, proj, device="cpu", dtype=torch.float64, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
+
+    state = P if proj else H
+    if packed:
+        batch_sizes = torch.tensor([3, 3, 2, 1])
+        x = rand(int(batch_sizes.sum()), I)
+    else:
+        batch_sizes = None
+        x = rand(4, 3, I)
+    return (x, batch_sizes, rand(3, state), rand(3, H), rand(4 * H, I), rand(4 * H, state),
+            rand(4 * H) if bias else None, rand(4 * H) if bias else None, rand(P, H) if proj else None, reverse)
+
+
+def gru_args(packed, reverse, bias, device="cpu", dtype=torch.float64, requires_grad=True):
+    x, batch_sizes, h, _, _, _, _, _, _, _ = lstm_args(packed, reverse, False, False, device, dtype, requires_grad)
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
+
+    return (x, batch_sizes, h, rand(3 * H, I), rand(3 * H, H), rand(3 * H) if bias else None,
+            rand(3 * H) if bias else None, reverse)
+
+
+CONFIGS = [
+    # (packed, reverse, bias, proj)
+    (False, False, True, False),
+    (False, True, True, False),
+    (True, False, True, False),
+    (True, True, True, False),
+    (False, False, False, False),
+    (False, False, True, True),
+    (True, True, False, True),
+]
+
+
+def _id(config):
+    packed, reverse, bias, proj = config
+    return f"{'packed' if packed else 'dense'}-{'rev' if reverse else 'fwd'}-{'bias' if bias else 'nobias'}" + (
+        "-proj" if proj else "")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_lstm_gradcheck(config, device):
+    packed, reverse, bias, proj = config
+    args = lstm_args(packed, reverse, bias, proj, device)
+    assert torch.autograd.gradcheck(lambda *a: _ops.lstm_layer(*a), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c[3]], ids=_id)
+def test_gru_gradcheck(config, device):
+    packed, reverse, bias, _ = config
+    args = gru_args(packed, reverse, bias, device)
+    assert torch.autograd.gradcheck(lambda *a: _ops.gru_layer(*a), args)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_module_gradcheck(mode):
+    """gradcheck through a whole module: 2 layers, bidirectional, packed, with hx."""
+    module = getattr(gatedrnn, mode)(I, H, num_layers=2, bidirectional=True).double()
+    lengths = torch.tensor([4, 2, 3])
+    x = torch.randn(4, 3, I, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)
+
+    def run(x, h, c):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, state = module(packed, (h, c) if mode == "LSTM" else h)
+        return (out.data, *(state if mode == "LSTM" else (state,)))
+
+    assert torch.autograd.gradcheck(run, (x, h, c))
+
+
+def _opcheck_samples(device):
+    for config in CONFIGS:
+        packed, reverse, bias, proj = config
+        for requires_grad in (True, False):
+            args = lstm_args(packed, reverse, bias, proj, device, requires_grad=requires_grad)
+            yield torch.ops.gatedrnn.lstm_forward, (*args, requires_grad)
+            if not proj:
+                args = gru_args(packed, reverse, bias, device, requires_grad=requires_grad)
+                yield torch.ops.gatedrnn.gru_forward, (*args, requires_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_forward_ops(device):
+    count = 0
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+        count += 1
+    assert count == 24  # 7 LSTM and 5 GRU configurations, with and without grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_backward_ops(packed, device):
+    args = lstm_args(packed, True, True, True, device, requires_grad=False)
+    x, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = args
+    out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, True)
+    grads = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy))
+    torch.library.opcheck(torch.ops.gatedrnn.lstm_backward,
+                          (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse, True))
+
+    x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse = gru_args(packed, True, True, device, requires_grad=False)
+    out, hy, saved = torch.ops.gatedrnn.gru_forward(x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    torch.library.opcheck(torch.ops.gatedrnn.gru_backward,
+                          (torch.randn_like(out), torch.randn_like(hy), x, batch_sizes, h, w_ih, w_hh, out, saved,
+                           reverse, True))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_layers_match_reference(config):
+    """Op level against gatedrnn.reference: outputs and every gradient, float64."""
+    packed, reverse, bias, proj = config
+    args = lstm_args(packed, reverse, bias, proj)
+    for fn, ref in [(_ops.lstm_layer, reference.lstm_layer)] + (
+            [] if proj else [(_ops.gru_layer, reference.gru_layer)]):
+        call_args = args if fn is _ops.lstm_layer else gru_args(packed, reverse, bias)
+        ref_args = call_args if fn is _ops.lstm_layer else (*call_args[:-1], None, call_args[-1])
+        actual, expected = fn(*call_args), ref(*ref_args)
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
+        leaves = [a for a in call_args if isinstance(a, torch.Tensor) and a.requires_grad]
+        g_actual = torch.autograd.grad(sum((t * (k + 1)).sum() for k, t in enumerate(actual)), leaves)
+        g_expected = torch.autograd.grad(sum((t * (k + 1)).sum() for k, t in enumerate(expected)), leaves)
+        torch.testing.assert_close(g_actual, g_expected, atol=1e-12, rtol=1e-10)
+
+
+def test_inference_saves_nothing():
+    args = lstm_args(False, False, True, False, requires_grad=False)
+    _, _, _, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, False)
+    assert gates.numel() == 0 and cells.numel() == 0
+    _, _, saved = torch.ops.gatedrnn.gru_forward(*gru_args(False, False, True, requires_grad=False), False)
+    assert saved.numel() == 0
+
+
+def test_backward_without_saved_activations_is_refused():
+    args = lstm_args(False, False, True, False)
+    out, *_ = torch.ops.gatedrnn.lstm_forward(*args, False)
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
