@@ -23,6 +23,49 @@ using OptTensor = std::optional<at::Tensor>;
 constexpr int64_t kGates = 3;
 constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 
+// ------------------------------------------------------------------------------------------- forward
+// One step's buffers. Row b of the step is packed row offset + b.
+template <typename T>
+struct ForwardStep {
+  const T* input_proj;  // [N, 3H]: x @ W_ih^T + b_ih
+  const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T + b_hh
+  T* h_state;           // [B, H]: h_{t-1} in, h_t out
+  T* output;            // [N, H]
+  T* saved;             // [N, 4H]: r, z, n, hn, or null
+  int64_t hidden, offset;
+};
+
+template <typename T, bool kSave>
+GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = s.hidden, row = s.offset + b;
+  const T* gi = s.input_proj + row * kGates * H;
+  const T* gh = s.recurrent + b * kGates * H;
+  T* h = s.h_state + b * H;
+  T* out = s.output + row * H;
+  T* sv = s.saved + row * kSaved * H;
+  GATEDRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const auto a = gru_activate<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j]);
+    const T h_new = gru_hidden(a, h[j]);
+    h[j] = h_new;
+    out[j] = h_new;
+    if constexpr (kSave) {
+      sv[j] = a.r;
+      sv[H + j] = a.z;
+      sv[2 * H + j] = a.n;
+      sv[3 * H + j] = a.hn;
+    }
+  }
+}
+
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  s.saved ? forward_span<T, true>(s, b, j0, j1) : forward_span<T, false>(s, b, j0, j1);
+}
+
+GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
+GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
+
 template <typename scalar_t>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& input_proj,
                       Tensor& output2d, Tensor& hy, Tensor& saved, const Tensor& w_hh, const OptTensor& b_hh,
@@ -30,13 +73,13 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
   const int64_t H = s.hidden, G = kGates * H;
   auto recurrent = at::empty({s.batch, G}, input_proj.options());
   const auto w_hh_t = w_hh.t();
-
-  const scalar_t* gi_data = input_proj.const_data_ptr<scalar_t>();
-  const scalar_t* gh_data = recurrent.const_data_ptr<scalar_t>();
-  scalar_t* out_data = output2d.data_ptr<scalar_t>();
-  scalar_t* h_data = hy.data_ptr<scalar_t>();
-  scalar_t* saved_data = save ? saved.data_ptr<scalar_t>() : nullptr;
-
+  ForwardStep<scalar_t> args{input_proj.const_data_ptr<scalar_t>(),
+                             recurrent.const_data_ptr<scalar_t>(),
+                             hy.data_ptr<scalar_t>(),
+                             output2d.data_ptr<scalar_t>(),
+                             save ? saved.data_ptr<scalar_t>() : nullptr,
+                             H,
+                             0};
   for (const auto& step : schedule) {
     // hy holds h_{t-1} of every active row (see lstm.cpp).
     auto rec_rows = rows_of(recurrent, 0, step.rows);
@@ -45,22 +88,8 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
     } else {
       at::mm_out(rec_rows, rows_of(hy, 0, step.rows), w_hh_t);
     }
-    for_each_unit(step.rows, H, [&](int64_t b, int64_t j) {
-      const int64_t row = step.offset + b;
-      const scalar_t* gi = gi_data + row * G + j;
-      const scalar_t* gh = gh_data + b * G + j;
-      const auto a = gru_activate<scalar_t>(gi[0], gi[H], gi[2 * H], gh[0], gh[H], gh[2 * H]);
-      const scalar_t h = gru_hidden(a, h_data[b * H + j]);
-      h_data[b * H + j] = h;
-      out_data[row * H + j] = h;
-      if (save) {
-        scalar_t* sv = saved_data + row * kSaved * H + j;
-        sv[0] = a.r;
-        sv[H] = a.z;
-        sv[2 * H] = a.n;
-        sv[3 * H] = a.hn;
-      }
-    });
+    args.offset = step.offset;
+    for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
   }
 }
 
@@ -92,36 +121,57 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   return {output2d.view(output_shape).to(storage), hy.to(storage), saved};
 }
 
+// ------------------------------------------------------------------------------------------ backward
+template <typename T>
+struct BackwardStep {
+  const T* saved;        // [N, 4H]: r, z, n, hn
+  const T* prev_states;  // [N, H]: h_{t-1} of every packed row
+  const T* grad_output;  // [N, H]
+  T* dh_state;           // [B, H]: gradient reaching h_t in, its direct part to h_{t-1} out
+  T* d_input_gates;      // [N, 3H]
+  T* d_hidden_gates;     // [N, 3H]
+  int64_t hidden, offset;
+};
+
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = s.hidden, row = s.offset + b;
+  const T* sv = s.saved + row * kSaved * H;
+  const T* h_prev = s.prev_states + row * H;
+  const T* d_out = s.grad_output + row * H;
+  T* dh = s.dh_state + b * H;
+  T* dgi = s.d_input_gates + row * kGates * H;
+  T* dgh = s.d_hidden_gates + row * kGates * H;
+  GATEDRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const GruGates<T> a{sv[j], sv[H + j], sv[2 * H + j], sv[3 * H + j]};
+    GruGateGrads<T> d_in, d_hid;
+    dh[j] = gru_backward(a, h_prev[j], d_out[j] + dh[j], d_in, d_hid);
+    dgi[j] = d_in.r;
+    dgi[H + j] = d_in.z;
+    dgi[2 * H + j] = d_in.n;
+    dgh[j] = d_hid.r;
+    dgh[H + j] = d_hid.z;
+    dgh[2 * H + j] = d_hid.n;
+  }
+}
+
+GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<float>, backward_span)
+GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<double>, backward_span)
+
 template <typename scalar_t>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                        const Tensor& saved, const Tensor& prev_states, const Tensor& w_hh, Tensor& d_input_gates,
                        Tensor& d_hidden_gates, Tensor& dh) {
-  const int64_t H = s.hidden, G = kGates * H;
-  const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
-  const scalar_t* prev_data = prev_states.const_data_ptr<scalar_t>();
-  const scalar_t* grad_out_data = grad_out2d.const_data_ptr<scalar_t>();
-  scalar_t* dgi_data = d_input_gates.data_ptr<scalar_t>();
-  scalar_t* dgh_data = d_hidden_gates.data_ptr<scalar_t>();
-  scalar_t* dh_data = dh.data_ptr<scalar_t>();
-
+  BackwardStep<scalar_t> args{saved.const_data_ptr<scalar_t>(),      prev_states.const_data_ptr<scalar_t>(),
+                              grad_out2d.const_data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+                              d_input_gates.data_ptr<scalar_t>(),    d_hidden_gates.data_ptr<scalar_t>(),
+                              s.hidden,                              0};
   for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
     const Step& step = *it;
-    for_each_unit(step.rows, H, [&](int64_t b, int64_t j) {
-      const int64_t row = step.offset + b;
-      const scalar_t* sv = saved_data + row * kSaved * H + j;
-      const GruGates<scalar_t> a{sv[0], sv[H], sv[2 * H], sv[3 * H]};
-      GruGateGrads<scalar_t> d_in, d_hid;
-      const scalar_t d_h = grad_out_data[row * H + j] + dh_data[b * H + j];
-      dh_data[b * H + j] = gru_backward(a, prev_data[row * H + j], d_h, d_in, d_hid);
-      scalar_t* dgi = dgi_data + row * G + j;
-      scalar_t* dgh = dgh_data + row * G + j;
-      dgi[0] = d_in.r;
-      dgi[H] = d_in.z;
-      dgi[2 * H] = d_in.n;
-      dgh[0] = d_hid.r;
-      dgh[H] = d_hid.z;
-      dgh[2 * H] = d_hid.n;
-    });
+    args.offset = step.offset;
+    for_each_span(step.rows, s.hidden,
+                  [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // dh_{t-1} = (direct part, written above) + dG_hidden @ W_hh
     rows_of(dh, 0, step.rows).addmm_(rows_of(d_hidden_gates, step.offset, step.rows), w_hh);
   }

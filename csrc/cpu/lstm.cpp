@@ -22,49 +22,87 @@ using OptTensor = std::optional<at::Tensor>;
 
 constexpr int64_t kGates = 4;
 
+// ------------------------------------------------------------------------------------------- forward
+// One step's buffers. Row b of the step is packed row offset + b.
+template <typename T>
+struct ForwardStep {
+  T* gates;            // [N, 4H]: input projection + biases in; activations out when saving
+  const T* recurrent;  // [B, 4H]: h_{t-1} @ W_hh^T
+  T* c_state;          // [B, H]: c_{t-1} in, c_t out
+  T* output;           // [N, R]: h_t (without projection)
+  T* h_state;          // [B, R]: h_t (without projection)
+  T* cells;            // [N, H]: saved c_t, or null
+  T* pre_proj;         // [B, H]: h_t before projection, or null without projection
+  int64_t hidden, state, offset;
+};
+
+template <typename T, bool kSave, bool kProj>
+GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = s.hidden, row = s.offset + b;
+  T* g = s.gates + row * kGates * H;
+  const T* r = s.recurrent + b * kGates * H;
+  T* c = s.c_state + b * H;
+  GATEDRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const auto a = lstm_activate<T>(g[j] + r[j], g[H + j] + r[H + j], g[2 * H + j] + r[2 * H + j],
+                                    g[3 * H + j] + r[3 * H + j]);
+    const T c_new = lstm_cell_state(a, c[j]);
+    const T h_new = lstm_hidden(a, c_new);
+    c[j] = c_new;
+    if constexpr (kSave) {
+      g[j] = a.i;
+      g[H + j] = a.f;
+      g[2 * H + j] = a.g;
+      g[3 * H + j] = a.o;
+      s.cells[row * H + j] = c_new;
+    }
+    if constexpr (kProj) {
+      s.pre_proj[b * H + j] = h_new;
+    } else {
+      s.output[row * s.state + j] = h_new;
+      s.h_state[b * s.state + j] = h_new;
+    }
+  }
+}
+
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  if (s.cells) {
+    s.pre_proj ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, true, false>(s, b, j0, j1);
+  } else {
+    s.pre_proj ? forward_span<T, false, true>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
+  }
+}
+
+GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
+GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
+
 template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, Tensor& output2d,
                        Tensor& hy, Tensor& cy, Tensor& cells, const Tensor& w_hh, const OptTensor& w_hr, bool save) {
-  const int64_t H = s.hidden, R = s.state, G = kGates * H;
+  const int64_t H = s.hidden, G = kGates * H;
   auto recurrent = at::empty({s.batch, G}, gates.options());
   auto hidden_pre_proj = w_hr.has_value() ? at::empty({s.batch, H}, gates.options()) : Tensor();
   const auto w_hh_t = w_hh.t();
 
-  scalar_t* gate_data = gates.data_ptr<scalar_t>();
-  scalar_t* out_data = output2d.data_ptr<scalar_t>();
-  scalar_t* h_data = hy.data_ptr<scalar_t>();
-  scalar_t* c_data = cy.data_ptr<scalar_t>();
-  scalar_t* cell_data = save ? cells.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* rec_data = recurrent.const_data_ptr<scalar_t>();
-  scalar_t* pre_proj_data = w_hr.has_value() ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr;
-
+  ForwardStep<scalar_t> args{gates.data_ptr<scalar_t>(),
+                             recurrent.const_data_ptr<scalar_t>(),
+                             cy.data_ptr<scalar_t>(),
+                             output2d.data_ptr<scalar_t>(),
+                             hy.data_ptr<scalar_t>(),
+                             save ? cells.data_ptr<scalar_t>() : nullptr,
+                             w_hr.has_value() ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
+                             H,
+                             s.state,
+                             0};
   for (const auto& step : schedule) {
     // hy holds h_{t-1} of every active row: rows that were active last step were just updated, rows that
     // just became active (reverse direction of a packed batch) still hold h0.
     auto rec_rows = rows_of(recurrent, 0, step.rows);
     at::mm_out(rec_rows, rows_of(hy, 0, step.rows), w_hh_t);
-    for_each_unit(step.rows, H, [&](int64_t b, int64_t j) {
-      scalar_t* g = gate_data + (step.offset + b) * G + j;
-      const scalar_t* r = rec_data + b * G + j;
-      const auto a = lstm_activate<scalar_t>(g[0] + r[0], g[H] + r[H], g[2 * H] + r[2 * H], g[3 * H] + r[3 * H]);
-      const scalar_t c = lstm_cell_state(a, c_data[b * H + j]);
-      const scalar_t h = lstm_hidden(a, c);
-      c_data[b * H + j] = c;
-      if (save) {
-        g[0] = a.i;
-        g[H] = a.f;
-        g[2 * H] = a.g;
-        g[3 * H] = a.o;
-        cell_data[(step.offset + b) * H + j] = c;
-      }
-      if (pre_proj_data) {
-        pre_proj_data[b * H + j] = h;
-      } else {
-        out_data[(step.offset + b) * R + j] = h;
-        h_data[b * R + j] = h;
-      }
-    });
-    if (pre_proj_data) {
+    args.offset = step.offset;
+    for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
+    if (w_hr.has_value()) {
       auto out_rows = rows_of(output2d, step.offset, step.rows);
       at::mm_out(out_rows, rows_of(hidden_pre_proj, 0, step.rows), w_hr->t());
       rows_of(hy, 0, step.rows).copy_(out_rows);
@@ -109,25 +147,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   return {output2d.view(output_shape).to(storage), hy.to(storage), cy.to(storage), gates, cells};
 }
 
+// ------------------------------------------------------------------------------------------ backward
+template <typename T>
+struct BackwardStep {
+  const T* gates;        // [N, 4H] saved activations
+  const T* cells;        // [N, H] saved c_t
+  const T* c0;           // [B, H]
+  const T* grad_output;  // [N, R]
+  const T* dh_state;     // [B, R]: gradient reaching h_t from step t+1 (without projection)
+  const T* dh_pre_proj;  // [B, H]: gradient reaching h_t before the projection, or null
+  T* dc_state;           // [B, H]: gradient reaching c_t in, c_{t-1} out
+  T* d_gates;            // [N, 4H] pre-activation gradients
+  T* pre_proj;           // [N, H]: recomputed h_t before projection (for dW_hr), or null
+  int64_t hidden, state, offset, prev_offset, prev_rows;
+};
+
+template <typename T, bool kProj>
+GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = s.hidden, row = s.offset + b;
+  const T* g = s.gates + row * kGates * H;
+  const T* c = s.cells + row * H;
+  // c_{t-1}: the previous step's saved cell state, or c0 for a row's first step.
+  const T* c_prev = b < s.prev_rows ? s.cells + (s.prev_offset + b) * H : s.c0 + b * H;
+  T* dc = s.dc_state + b * H;
+  T* dg = s.d_gates + row * kGates * H;
+  GATEDRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const LstmGates<T> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+    T d_hidden;
+    if constexpr (kProj) {
+      d_hidden = s.dh_pre_proj[b * H + j];
+      s.pre_proj[row * H + j] = lstm_hidden(a, c[j]);  // recomputed for dW_hr, not saved
+    } else {
+      d_hidden = s.grad_output[row * s.state + j] + s.dh_state[b * s.state + j];
+    }
+    LstmGateGrads<T> d;
+    dc[j] = lstm_backward(a, c[j], c_prev[j], d_hidden, dc[j], d);
+    dg[j] = d.i;
+    dg[H + j] = d.f;
+    dg[2 * H + j] = d.g;
+    dg[3 * H + j] = d.o;
+  }
+}
+
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void backward_span_any(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  s.pre_proj ? backward_span<T, true>(s, b, j0, j1) : backward_span<T, false>(s, b, j0, j1);
+}
+
+GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<float>, backward_span_any)
+GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<double>, backward_span_any)
+
 template <typename scalar_t>
 void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                         const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
                         const OptTensor& w_hr, Tensor& d_gates, Tensor& dh, Tensor& dc, Tensor& d_proj,
                         Tensor& hidden_pre_proj) {
-  const int64_t H = s.hidden, R = s.state, G = kGates * H;
   const bool proj = w_hr.has_value();
-  auto dh_pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
-
-  const scalar_t* gate_data = gates.const_data_ptr<scalar_t>();
-  const scalar_t* cell_data = cells.const_data_ptr<scalar_t>();
-  const scalar_t* c0_data = c0.const_data_ptr<scalar_t>();
-  const scalar_t* grad_out_data = grad_out2d.const_data_ptr<scalar_t>();
-  scalar_t* dg_data = d_gates.data_ptr<scalar_t>();
-  scalar_t* dh_data = dh.data_ptr<scalar_t>();
-  scalar_t* dc_data = dc.data_ptr<scalar_t>();
-  const scalar_t* dh_pre_data = proj ? dh_pre_proj.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* pre_proj_data = proj ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr;
-
+  auto dh_pre_proj = proj ? at::empty({s.batch, s.hidden}, gates.options()) : Tensor();
+  BackwardStep<scalar_t> args{gates.const_data_ptr<scalar_t>(),
+                              cells.const_data_ptr<scalar_t>(),
+                              c0.const_data_ptr<scalar_t>(),
+                              grad_out2d.const_data_ptr<scalar_t>(),
+                              dh.const_data_ptr<scalar_t>(),
+                              proj ? dh_pre_proj.const_data_ptr<scalar_t>() : nullptr,
+                              dc.data_ptr<scalar_t>(),
+                              d_gates.data_ptr<scalar_t>(),
+                              proj ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
+                              s.hidden,
+                              s.state,
+                              0,
+                              0,
+                              0};
   for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
     const Step& step = *it;
     if (proj) {
@@ -137,24 +228,11 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
       auto dh_pre_rows = rows_of(dh_pre_proj, 0, step.rows);
       at::mm_out(dh_pre_rows, d_out_rows, *w_hr);
     }
-    for_each_unit(step.rows, H, [&](int64_t b, int64_t j) {
-      const int64_t row = step.offset + b;
-      const scalar_t* g = gate_data + row * G + j;
-      const LstmGates<scalar_t> a{g[0], g[H], g[2 * H], g[3 * H]};
-      const scalar_t c = cell_data[row * H + j];
-      const scalar_t c_prev =
-          b < step.prev_rows ? cell_data[(step.prev_offset + b) * H + j] : c0_data[b * H + j];
-      const scalar_t d_hidden =
-          proj ? dh_pre_data[b * H + j] : grad_out_data[row * R + j] + dh_data[b * R + j];
-      LstmGateGrads<scalar_t> d;
-      dc_data[b * H + j] = lstm_backward(a, c, c_prev, d_hidden, dc_data[b * H + j], d);
-      scalar_t* dg = dg_data + row * G + j;
-      dg[0] = d.i;
-      dg[H] = d.f;
-      dg[2 * H] = d.g;
-      dg[3 * H] = d.o;
-      if (proj) pre_proj_data[row * H + j] = lstm_hidden(a, c);  // recomputed for dW_hr, not saved
-    });
+    args.offset = step.offset;
+    args.prev_offset = step.prev_offset;
+    args.prev_rows = step.prev_rows;
+    for_each_span(step.rows, s.hidden,
+                  [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // h_{t-1} reaches step t only through W_hh: this overwrites the rows' gradient entirely.
     auto dh_rows = rows_of(dh, 0, step.rows);
     at::mm_out(dh_rows, rows_of(d_gates, step.offset, step.rows), w_hh);

@@ -1,0 +1,1 @@
+"""gatedrnn's benchmarks: `python -m benchmarks` times gatedrnn against torch.nn side by side."""
