@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/blas.h"
+
 TORCH_LIBRARY(gatedrnn, m) {
   m.def(
       "lstm_forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
@@ -39,10 +41,11 @@ namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef GATEDRNN_WITH_CUDA
-  return Py_BuildValue("{s:O,s:s,s:i}", "cuda", Py_True, "cuda_archs", GATEDRNN_CUDA_ARCHS, "cuda_runtime",
-                       gatedrnn_cuda_runtime_version());
+  return Py_BuildValue("{s:O,s:s,s:i,s:s}", "cuda", Py_True, "cuda_archs", GATEDRNN_CUDA_ARCHS, "cuda_runtime",
+                       gatedrnn_cuda_runtime_version(), "cpu_gemm", gatedrnn::cpu::gemm_path_name());
 #else
-  return Py_BuildValue("{s:O,s:s,s:i}", "cuda", Py_False, "cuda_archs", "", "cuda_runtime", 0);
+  return Py_BuildValue("{s:O,s:s,s:i,s:s}", "cuda", Py_False, "cuda_archs", "", "cuda_runtime", 0, "cpu_gemm",
+                       gatedrnn::cpu::gemm_path_name());
 #endif
 }
 

@@ -12,6 +12,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../sequence.h"
+#include "blas.h"
 #include "loops.h"
 
 namespace gatedrnn::cpu {
@@ -27,15 +28,16 @@ constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 // One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
 struct ForwardStep {
-  const T* input_proj;  // [N, 3H]: x @ W_ih^T + b_ih
-  const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T + b_hh
+  const T* input_proj;  // [N, 3H]: x @ W_ih^T + b_ih (+ b_hh's r and z parts)
+  const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T
+  const T* bias_hn;     // [H]: the n part of b_hh (its r and z parts are folded into input_proj), or null
   T* h_state;           // [B, H]: h_{t-1} in, h_t out
   T* output;            // [N, H]
   T* saved;             // [N, 4H]: r, z, n, hn, or null
   int64_t hidden, offset;
 };
 
-template <typename T, bool kSave>
+template <typename T, bool kSave, bool kBias>
 GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden, row = s.offset + b;
   const T* gi = s.input_proj + row * kGates * H;
@@ -45,7 +47,8 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
   T* sv = s.saved + row * kSaved * H;
   GATEDRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
-    const auto a = gru_activate<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j]);
+    const T gh_n = kBias ? gh[2 * H + j] + s.bias_hn[j] : gh[2 * H + j];
+    const auto a = gru_activate<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh_n);
     const T h_new = gru_hidden(a, h[j]);
     h[j] = h_new;
     out[j] = h_new;
@@ -60,7 +63,11 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
 
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  s.saved ? forward_span<T, true>(s, b, j0, j1) : forward_span<T, false>(s, b, j0, j1);
+  if (s.bias_hn) {
+    s.saved ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, false, true>(s, b, j0, j1);
+  } else {
+    s.saved ? forward_span<T, true, false>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
+  }
 }
 
 GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
@@ -72,22 +79,19 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                       bool save) {
   const int64_t H = s.hidden, G = kGates * H;
   auto recurrent = at::empty({s.batch, G}, input_proj.options());
-  const auto w_hh_t = w_hh.t();
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch);
+  scalar_t* h_state = hy.data_ptr<scalar_t>();
   ForwardStep<scalar_t> args{input_proj.const_data_ptr<scalar_t>(),
                              recurrent.const_data_ptr<scalar_t>(),
-                             hy.data_ptr<scalar_t>(),
+                             b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() + 2 * H : nullptr,
+                             h_state,
                              output2d.data_ptr<scalar_t>(),
                              save ? saved.data_ptr<scalar_t>() : nullptr,
                              H,
                              0};
   for (const auto& step : schedule) {
-    // hy holds h_{t-1} of every active row (see lstm.cpp).
-    auto rec_rows = rows_of(recurrent, 0, step.rows);
-    if (b_hh.has_value()) {
-      at::addmm_out(rec_rows, *b_hh, rows_of(hy, 0, step.rows), w_hh_t);
-    } else {
-      at::mm_out(rec_rows, rows_of(hy, 0, step.rows), w_hh_t);
-    }
+    // h_state holds h_{t-1} of every active row (see lstm.cpp).
+    recurrent_gemm.run(h_state, step.rows, recurrent.data_ptr<scalar_t>(), /*accumulate=*/false);
     args.offset = step.offset;
     for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
   }
@@ -106,7 +110,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto hy = hx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  auto input_proj = b_ih.has_value() ? at::addmm(*b_ih, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
+  // b_hh's r and z parts enter the gates exactly like b_ih's: fold them into the input projection. Its n
+  // part is multiplied by r, so the fused pass adds it.
+  Tensor input_proj;
+  if (b_ih.has_value()) {
+    const auto b_hh_rz = at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())});
+    input_proj = at::addmm(*b_ih + b_hh_rz, x2d, w_ih.t());
+  } else {
+    input_proj = at::mm(x2d, w_ih.t());
+  }
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
   auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options()) : at::empty({0}, input.options());
 
@@ -167,13 +179,15 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                               grad_out2d.const_data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
                               d_input_gates.data_ptr<scalar_t>(),    d_hidden_gates.data_ptr<scalar_t>(),
                               s.hidden,                              0};
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch);
   for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
     const Step& step = *it;
     args.offset = step.offset;
     for_each_span(step.rows, s.hidden,
                   [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // dh_{t-1} = (direct part, written above) + dG_hidden @ W_hh
-    rows_of(dh, 0, step.rows).addmm_(rows_of(d_hidden_gates, step.offset, step.rows), w_hh);
+    recurrent_gemm.run(args.d_hidden_gates + step.offset * kGates * s.hidden, step.rows, args.dh_state,
+                       /*accumulate=*/true);
   }
 }
 

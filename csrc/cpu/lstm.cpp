@@ -12,6 +12,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../sequence.h"
+#include "blas.h"
 #include "loops.h"
 
 namespace gatedrnn::cpu {
@@ -80,32 +81,35 @@ GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
 template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, Tensor& output2d,
                        Tensor& hy, Tensor& cy, Tensor& cells, const Tensor& w_hh, const OptTensor& w_hr, bool save) {
-  const int64_t H = s.hidden, G = kGates * H;
+  const int64_t H = s.hidden, R = s.state, G = kGates * H;
+  const bool proj = w_hr.has_value();
   auto recurrent = at::empty({s.batch, G}, gates.options());
-  auto hidden_pre_proj = w_hr.has_value() ? at::empty({s.batch, H}, gates.options()) : Tensor();
-  const auto w_hh_t = w_hh.t();
+  auto hidden_pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch);
+  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch) : std::nullopt;
 
+  scalar_t* h_state = hy.data_ptr<scalar_t>();
+  scalar_t* output = output2d.data_ptr<scalar_t>();
   ForwardStep<scalar_t> args{gates.data_ptr<scalar_t>(),
                              recurrent.const_data_ptr<scalar_t>(),
                              cy.data_ptr<scalar_t>(),
-                             output2d.data_ptr<scalar_t>(),
-                             hy.data_ptr<scalar_t>(),
+                             output,
+                             h_state,
                              save ? cells.data_ptr<scalar_t>() : nullptr,
-                             w_hr.has_value() ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
+                             proj ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
                              H,
-                             s.state,
+                             R,
                              0};
   for (const auto& step : schedule) {
-    // hy holds h_{t-1} of every active row: rows that were active last step were just updated, rows that
-    // just became active (reverse direction of a packed batch) still hold h0.
-    auto rec_rows = rows_of(recurrent, 0, step.rows);
-    at::mm_out(rec_rows, rows_of(hy, 0, step.rows), w_hh_t);
+    // h_state holds h_{t-1} of every active row: rows that were active last step were just updated, rows
+    // that just became active (reverse direction of a packed batch) still hold h0.
+    recurrent_gemm.run(h_state, step.rows, recurrent.data_ptr<scalar_t>(), /*accumulate=*/false);
     args.offset = step.offset;
     for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
-    if (w_hr.has_value()) {
-      auto out_rows = rows_of(output2d, step.offset, step.rows);
-      at::mm_out(out_rows, rows_of(hidden_pre_proj, 0, step.rows), w_hr->t());
-      rows_of(hy, 0, step.rows).copy_(out_rows);
+    if (proj) {
+      scalar_t* out_rows = output + step.offset * R;
+      proj_gemm->run(args.pre_proj, step.rows, out_rows, false);
+      std::memcpy(h_state, out_rows, sizeof(scalar_t) * step.rows * R);
     }
   }
 }
@@ -203,8 +207,14 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
                         const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
                         const OptTensor& w_hr, Tensor& d_gates, Tensor& dh, Tensor& dc, Tensor& d_proj,
                         Tensor& hidden_pre_proj) {
+  const int64_t R = s.state, G = kGates * s.hidden;
   const bool proj = w_hr.has_value();
   auto dh_pre_proj = proj ? at::empty({s.batch, s.hidden}, gates.options()) : Tensor();
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch);
+  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch) : std::nullopt;
+  const scalar_t* grad_out = grad_out2d.const_data_ptr<scalar_t>();
+  scalar_t* dh_state = dh.data_ptr<scalar_t>();
+  scalar_t* d_out_proj = proj ? d_proj.data_ptr<scalar_t>() : nullptr;
   BackwardStep<scalar_t> args{gates.const_data_ptr<scalar_t>(),
                               cells.const_data_ptr<scalar_t>(),
                               c0.const_data_ptr<scalar_t>(),
@@ -223,10 +233,10 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
     const Step& step = *it;
     if (proj) {
       // Gradient reaching the projected output r_t, then through W_hr to the cell's hidden value.
-      auto d_out_rows = rows_of(d_proj, step.offset, step.rows);
-      at::add_out(d_out_rows, rows_of(grad_out2d, step.offset, step.rows), rows_of(dh, 0, step.rows));
-      auto dh_pre_rows = rows_of(dh_pre_proj, 0, step.rows);
-      at::mm_out(dh_pre_rows, d_out_rows, *w_hr);
+      scalar_t* d_out_rows = d_out_proj + step.offset * R;
+      const scalar_t* g_out_rows = grad_out + step.offset * R;
+      for (int64_t i = 0; i < step.rows * R; ++i) d_out_rows[i] = g_out_rows[i] + dh_state[i];
+      proj_gemm->run(d_out_rows, step.rows, const_cast<scalar_t*>(args.dh_pre_proj), false);
     }
     args.offset = step.offset;
     args.prev_offset = step.prev_offset;
@@ -234,8 +244,7 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
     for_each_span(step.rows, s.hidden,
                   [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // h_{t-1} reaches step t only through W_hh: this overwrites the rows' gradient entirely.
-    auto dh_rows = rows_of(dh, 0, step.rows);
-    at::mm_out(dh_rows, rows_of(d_gates, step.offset, step.rows), w_hh);
+    recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, dh_state, /*accumulate=*/false);
   }
 }
 
