@@ -28,23 +28,24 @@ constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 // One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
 struct ForwardStep {
-  const T* input_proj;  // [N, 3H]: x @ W_ih^T + b_ih (+ b_hh's r and z parts)
+  // [N, 3H] in rows of `proj_stride`: x @ W_ih^T + b_ih (+ b_hh's r and z parts). When saving, these are
+  // the first 3H columns of the [N, 4H] saved buffer and the pass overwrites them with r, z, n in place.
+  T* input_proj;
   const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T
   const T* bias_hn;     // [H]: the n part of b_hh (its r and z parts are folded into input_proj), or null
   T* h_state;           // [B, H]: h_{t-1} in, h_t out
   T* output;            // [N, H]
-  T* saved;             // [N, 4H]: r, z, n, hn, or null
-  int64_t hidden, offset;
+  bool save;
+  int64_t hidden, proj_stride, offset;
 };
 
 template <typename T, bool kSave, bool kBias>
 GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden, row = s.offset + b;
-  const T* gi = s.input_proj + row * kGates * H;
+  T* gi = s.input_proj + row * s.proj_stride;
   const T* gh = s.recurrent + b * kGates * H;
   T* h = s.h_state + b * H;
   T* out = s.output + row * H;
-  T* sv = s.saved + row * kSaved * H;
   GATEDRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
     const T gh_n = kBias ? gh[2 * H + j] + s.bias_hn[j] : gh[2 * H + j];
@@ -52,11 +53,11 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
     const T h_new = gru_hidden(a, h[j]);
     h[j] = h_new;
     out[j] = h_new;
-    if constexpr (kSave) {
-      sv[j] = a.r;
-      sv[H + j] = a.z;
-      sv[2 * H + j] = a.n;
-      sv[3 * H + j] = a.hn;
+    if constexpr (kSave) {  // gi is this row of the saved buffer: [r, z, n, hn]
+      gi[j] = a.r;
+      gi[H + j] = a.z;
+      gi[2 * H + j] = a.n;
+      gi[3 * H + j] = a.hn;
     }
   }
 }
@@ -64,9 +65,9 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   if (s.bias_hn) {
-    s.saved ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, false, true>(s, b, j0, j1);
+    s.save ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, false, true>(s, b, j0, j1);
   } else {
-    s.saved ? forward_span<T, true, false>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
+    s.save ? forward_span<T, true, false>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
   }
 }
 
@@ -74,20 +75,20 @@ GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
 GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
 
 template <typename scalar_t>
-void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& input_proj,
-                      Tensor& output2d, Tensor& hy, Tensor& saved, const Tensor& w_hh, const OptTensor& b_hh,
-                      bool save) {
+void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& input_proj,
+                      Tensor& output2d, Tensor& hy, const Tensor& w_hh, const OptTensor& b_hh, bool save) {
   const int64_t H = s.hidden, G = kGates * H;
-  auto recurrent = at::empty({s.batch, G}, input_proj.options());
+  auto recurrent = at::empty({s.batch, G}, output2d.options());
   const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch);
   scalar_t* h_state = hy.data_ptr<scalar_t>();
-  ForwardStep<scalar_t> args{input_proj.const_data_ptr<scalar_t>(),
+  ForwardStep<scalar_t> args{input_proj.data_ptr<scalar_t>(),
                              recurrent.const_data_ptr<scalar_t>(),
                              b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() + 2 * H : nullptr,
                              h_state,
                              output2d.data_ptr<scalar_t>(),
-                             save ? saved.data_ptr<scalar_t>() : nullptr,
+                             save,
                              H,
+                             input_proj.stride(0),
                              0};
   for (const auto& step : schedule) {
     // h_state holds h_{t-1} of every active row (see lstm.cpp).
@@ -112,24 +113,26 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   const auto x2d = input.view({s.rows, s.input_size});
   // b_hh's r and z parts enter the gates exactly like b_ih's: fold them into the input projection. Its n
   // part is multiplied by r, so the fused pass adds it.
-  Tensor input_proj;
+  // When saving, the projection is written straight into the saved buffer (one allocation, no copy).
+  auto saved = at::empty({s.rows, (save ? kSaved : kGates) * s.hidden}, input.options());
+  auto input_proj = saved.narrow(1, 0, kGates * s.hidden);
   if (b_ih.has_value()) {
     const auto b_hh_rz = at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())});
-    input_proj = at::addmm(*b_ih + b_hh_rz, x2d, w_ih.t());
+    at::addmm_out(input_proj, *b_ih + b_hh_rz, x2d, w_ih.t());
   } else {
-    input_proj = at::mm(x2d, w_ih.t());
+    at::mm_out(input_proj, x2d, w_ih.t());
   }
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
-  auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options()) : at::empty({0}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-    gru_forward_loop<scalar_t>(schedule, s, input_proj, output2d, hy, saved, w_hh, b_hh, save);
+    gru_forward_loop<scalar_t>(schedule, s, input_proj, output2d, hy, w_hh, b_hh, save);
   });
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.hidden;
   const auto storage = input_.scalar_type();
+  if (!save) saved = at::empty({0}, input.options());
   return {output2d.view(output_shape).to(storage), hy.to(storage), saved};
 }
 
