@@ -60,7 +60,9 @@ inline const char* gemm_path_name() {
 template <typename T>
 class StepGemm {
  public:
-  StepGemm(const at::Tensor& weight, bool transposed, int64_t max_rows)
+  // `steps`: how many times run() will be called; packing costs about one product, so it pays only when
+  // the weight is reused and the products are real GEMMs rather than matrix-vector products.
+  StepGemm(const at::Tensor& weight, bool transposed, int64_t max_rows, int64_t steps)
       : weight_(weight.contiguous()),
         transposed_(transposed),
         n_(transposed ? weight.size(0) : weight.size(1)),
@@ -68,8 +70,9 @@ class StepGemm {
     constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
     // LP64 BLAS takes int dimensions.
     direct_ = gemm_path() != GemmPath::Aten && n_ * k_ <= kMaxInt && max_rows * std::max(n_, k_) <= kMaxInt;
-    if (direct_ && std::is_same_v<T, float> && gemm_path() == GemmPath::MklPacked && max_rows > 0 && n_ > 0 &&
-        k_ > 0) {
+    constexpr int64_t kMinPackedRows = 8, kMinPackedSteps = 4;
+    if (direct_ && std::is_same_v<T, float> && gemm_path() == GemmPath::MklPacked && max_rows >= kMinPackedRows &&
+        steps >= kMinPackedSteps && n_ > 0 && k_ > 0) {
       constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_rows), int(n_), int(k_));
       packed_ = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, weight_.options());

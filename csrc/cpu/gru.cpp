@@ -28,11 +28,12 @@ constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 // One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
 struct ForwardStep {
-  // [N, 3H] in rows of `proj_stride`: x @ W_ih^T + b_ih (+ b_hh's r and z parts). When saving, these are
+  // [N, 3H] in rows of `proj_stride`: x @ W_ih^T. When saving, these are
   // the first 3H columns of the [N, 4H] saved buffer and the pass overwrites them with r, z, n in place.
   T* input_proj;
   const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T
-  const T* bias_hn;     // [H]: the n part of b_hh (its r and z parts are folded into input_proj), or null
+  const T* bias_input;  // [3H]: b_ih + (b_hh's r and z parts, which enter the gates like b_ih), or null
+  const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
   T* h_state;           // [B, H]: h_{t-1} in, h_t out
   T* output;            // [N, H]
   bool save;
@@ -48,8 +49,10 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
   T* out = s.output + row * H;
   GATEDRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
+    T in[kGates];
+    for (int64_t k = 0; k < kGates; ++k) in[k] = gi[k * H + j] + (kBias ? s.bias_input[k * H + j] : T(0));
     const T gh_n = kBias ? gh[2 * H + j] + s.bias_hn[j] : gh[2 * H + j];
-    const auto a = gru_activate<T>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh_n);
+    const auto a = gru_activate<T>(in[0], in[1], in[2], gh[j], gh[H + j], gh_n);
     const T h_new = gru_hidden(a, h[j]);
     h[j] = h_new;
     out[j] = h_new;
@@ -76,13 +79,15 @@ GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
 
 template <typename scalar_t>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& input_proj,
-                      Tensor& output2d, Tensor& hy, const Tensor& w_hh, const OptTensor& b_hh, bool save) {
+                      const OptTensor& bias_input, Tensor& output2d, Tensor& hy, const Tensor& w_hh,
+                      const OptTensor& b_hh, bool save) {
   const int64_t H = s.hidden, G = kGates * H;
   auto recurrent = at::empty({s.batch, G}, output2d.options());
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch);
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch, s.steps);
   scalar_t* h_state = hy.data_ptr<scalar_t>();
   ForwardStep<scalar_t> args{input_proj.data_ptr<scalar_t>(),
                              recurrent.const_data_ptr<scalar_t>(),
+                             bias_input.has_value() ? bias_input->const_data_ptr<scalar_t>() : nullptr,
                              b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() + 2 * H : nullptr,
                              h_state,
                              output2d.data_ptr<scalar_t>(),
@@ -111,22 +116,21 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto hy = hx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  // b_hh's r and z parts enter the gates exactly like b_ih's: fold them into the input projection. Its n
-  // part is multiplied by r, so the fused pass adds it.
-  // When saving, the projection is written straight into the saved buffer (one allocation, no copy).
+  // When saving, the projection is written straight into the saved buffer (one allocation, no copy). The
+  // biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 3H first.
   auto saved = at::empty({s.rows, (save ? kSaved : kGates) * s.hidden}, input.options());
   auto input_proj = saved.narrow(1, 0, kGates * s.hidden);
+  at::mm_out(input_proj, x2d, w_ih.t());
+  OptTensor bias_input;
   if (b_ih.has_value()) {
-    const auto b_hh_rz = at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())});
-    at::addmm_out(input_proj, *b_ih + b_hh_rz, x2d, w_ih.t());
-  } else {
-    at::mm_out(input_proj, x2d, w_ih.t());
+    // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r.
+    bias_input = *b_ih + at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())});
   }
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-    gru_forward_loop<scalar_t>(schedule, s, input_proj, output2d, hy, w_hh, b_hh, save);
+    gru_forward_loop<scalar_t>(schedule, s, input_proj, bias_input, output2d, hy, w_hh, b_hh, save);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -182,7 +186,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                               grad_out2d.const_data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
                               d_input_gates.data_ptr<scalar_t>(),    d_hidden_gates.data_ptr<scalar_t>(),
                               s.hidden,                              0};
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch);
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
   for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
     const Step& step = *it;
     args.offset = step.offset;

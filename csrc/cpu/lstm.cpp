@@ -27,7 +27,8 @@ constexpr int64_t kGates = 4;
 // One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
 struct ForwardStep {
-  T* gates;            // [N, 4H]: input projection + biases in; activations out when saving
+  T* gates;            // [N, 4H]: input projection in; activations out when saving
+  const T* bias;       // [4H]: b_ih + b_hh, or null
   const T* recurrent;  // [B, 4H]: h_{t-1} @ W_hh^T
   T* c_state;          // [B, H]: c_{t-1} in, c_t out
   T* output;           // [N, R]: h_t (without projection)
@@ -37,7 +38,7 @@ struct ForwardStep {
   int64_t hidden, state, offset;
 };
 
-template <typename T, bool kSave, bool kProj>
+template <typename T, bool kSave, bool kProj, bool kBias>
 GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden, row = s.offset + b;
   T* g = s.gates + row * kGates * H;
@@ -45,8 +46,9 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
   T* c = s.c_state + b * H;
   GATEDRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
-    const auto a = lstm_activate<T>(g[j] + r[j], g[H + j] + r[H + j], g[2 * H + j] + r[2 * H + j],
-                                    g[3 * H + j] + r[3 * H + j]);
+    T pre[kGates];
+    for (int64_t k = 0; k < kGates; ++k) pre[k] = g[k * H + j] + r[k * H + j] + (kBias ? s.bias[k * H + j] : T(0));
+    const auto a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
     const T c_new = lstm_cell_state(a, c[j]);
     const T h_new = lstm_hidden(a, c_new);
     c[j] = c_new;
@@ -66,31 +68,39 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
   }
 }
 
+template <typename T, bool kBias>
+GATEDRNN_ALWAYS_INLINE void forward_span_biased(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
+  if (s.cells) {
+    s.pre_proj ? forward_span<T, true, true, kBias>(s, b, j0, j1) : forward_span<T, true, false, kBias>(s, b, j0, j1);
+  } else {
+    s.pre_proj ? forward_span<T, false, true, kBias>(s, b, j0, j1)
+               : forward_span<T, false, false, kBias>(s, b, j0, j1);
+  }
+}
+
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  if (s.cells) {
-    s.pre_proj ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, true, false>(s, b, j0, j1);
-  } else {
-    s.pre_proj ? forward_span<T, false, true>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
-  }
+  s.bias ? forward_span_biased<T, true>(s, b, j0, j1) : forward_span_biased<T, false>(s, b, j0, j1);
 }
 
 GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
 GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
 
 template <typename scalar_t>
-void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, Tensor& output2d,
-                       Tensor& hy, Tensor& cy, Tensor& cells, const Tensor& w_hh, const OptTensor& w_hr, bool save) {
+void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, const OptTensor& bias,
+                       Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, const Tensor& w_hh,
+                       const OptTensor& w_hr, bool save) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H;
   const bool proj = w_hr.has_value();
   auto recurrent = at::empty({s.batch, G}, gates.options());
   auto hidden_pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch);
-  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch) : std::nullopt;
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch, s.steps);
+  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch, s.steps) : std::nullopt;
 
   scalar_t* h_state = hy.data_ptr<scalar_t>();
   scalar_t* output = output2d.data_ptr<scalar_t>();
   ForwardStep<scalar_t> args{gates.data_ptr<scalar_t>(),
+                             bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
                              recurrent.const_data_ptr<scalar_t>(),
                              cy.data_ptr<scalar_t>(),
                              output,
@@ -130,18 +140,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   auto cy = cx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  auto gates = at::empty({s.rows, kGates * s.hidden}, input.options());
-  if (b_ih_.has_value()) {
-    at::addmm_out(gates, (b_ih_->to(dtype) + b_hh_->to(dtype)), x2d, w_ih.t());
-  } else {
-    at::mm_out(gates, x2d, w_ih.t());
-  }
+  // The biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 4H first.
+  auto gates = at::mm(x2d, w_ih.t());
+  const OptTensor bias = b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
   auto cells = save ? at::empty({s.rows, s.hidden}, input.options()) : at::empty({0}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
-    lstm_forward_loop<scalar_t>(schedule, s, gates, output2d, hy, cy, cells, w_hh, w_hr, save);
+    lstm_forward_loop<scalar_t>(schedule, s, gates, bias, output2d, hy, cy, cells, w_hh, w_hr, save);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -210,8 +217,8 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   const int64_t R = s.state, G = kGates * s.hidden;
   const bool proj = w_hr.has_value();
   auto dh_pre_proj = proj ? at::empty({s.batch, s.hidden}, gates.options()) : Tensor();
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch);
-  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch) : std::nullopt;
+  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
+  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch, s.steps) : std::nullopt;
   const scalar_t* grad_out = grad_out2d.const_data_ptr<scalar_t>();
   scalar_t* dh_state = dh.data_ptr<scalar_t>();
   scalar_t* d_out_proj = proj ? d_proj.data_ptr<scalar_t>() : nullptr;
