@@ -136,12 +136,32 @@ torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_co
 
 
 # ----------------------------------------------------------------------------------------- entry points
+def _devices_with_kernels():
+    from ._extension import backend_info
+
+    info = backend_info()
+    # "meta" runs the fake kernels above (shape propagation, torch.compile tracing).
+    return {"meta"} | {device for device in ("cpu", "cuda") if info[device]}
+
+
+_KERNEL_DEVICES = _devices_with_kernels()
+
+
+def _check_device(input):
+    if input.device.type not in _KERNEL_DEVICES:
+        raise NotImplementedError(
+            f"gatedrnn has no fused kernels for {input.device.type} tensors in this build "
+            f"(it has: {', '.join(sorted(_KERNEL_DEVICES - {'meta'}))}; see gatedrnn.backend_info()). "
+            "gatedrnn does not fall back to another implementation.")
+
+
 def _needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
     """One LSTM layer and direction. Returns (output, hy, cy)."""
+    _check_device(input)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     output, hy, cy, _, _ = _ops.lstm_forward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                                              weight_hr, reverse, save)
@@ -150,6 +170,7 @@ def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_h
 
 def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
     """One GRU layer and direction. Returns (output, hy)."""
+    _check_device(input)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     output, hy, _ = _ops.gru_forward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save)
     return output, hy

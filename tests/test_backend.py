@@ -62,3 +62,20 @@ def test_backend_info():
     registered = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn::{op}", "CUDA")
                      for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"))
     assert info["cuda"] == registered
+
+
+def test_device_without_kernels_is_refused_clearly(monkeypatch):
+    """A device with no fused kernel raises (naming the device) instead of running something else."""
+    from gatedrnn import _ops
+
+    monkeypatch.setattr(_ops, "_KERNEL_DEVICES", {"meta"})
+    with pytest.raises(NotImplementedError, match="no fused kernels for cpu tensors"):
+        gatedrnn.LSTM(3, 4)(torch.randn(2, 1, 3))
+    with pytest.raises(NotImplementedError, match="no fused kernels for cpu tensors"):
+        gatedrnn.GRUCell(3, 4)(torch.randn(1, 3))
+
+
+def test_meta_tensors_propagate_shapes():
+    module = gatedrnn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, device="meta")
+    out, (h, c) = module(torch.empty(5, 7, 3, device="meta"))
+    assert out.shape == (5, 7, 4) and h.shape == (4, 7, 2) and c.shape == (4, 7, 4)
