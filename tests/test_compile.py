@@ -7,6 +7,16 @@ from torch import nn
 import gatedrnn
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile():
+    """Each test compiles from scratch: no Dynamo state or Inductor on-disk cache from earlier runs (the
+    cache key does not cover our fake kernels, so a stale entry could hide a fake-kernel bug)."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+    torch._dynamo.reset()
+
+
 class Tagger(nn.Module):
     def __init__(self, mode, **kwargs):
         super().__init__()
@@ -28,7 +38,6 @@ CASES = [
 
 @pytest.mark.parametrize("mode,kwargs", CASES)
 def test_compile_fullgraph_matches_eager(mode, kwargs):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = Tagger(mode, **kwargs)
     x = torch.randn(5, 7, 8, requires_grad=True)
@@ -44,7 +53,6 @@ def test_compile_fullgraph_matches_eager(mode, kwargs):
 
 def test_compiled_graph_calls_gatedrnn_ops():
     """The traced graph holds our custom op (not an inlined decomposition or torch.nn's RNN)."""
-    torch._dynamo.reset()
     model = gatedrnn.GRU(4, 6)
     graphs = []
 
