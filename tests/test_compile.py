@@ -12,7 +12,8 @@ def fresh_compile():
     """Each test compiles from scratch: no Dynamo state or Inductor on-disk cache from earlier runs (the
     cache key does not cover our fake kernels, so a stale entry could hide a fake-kernel bug)."""
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False):
+    with torch._inductor.config.patch(fx_graph_cache=False, fx_graph_remote_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
 
