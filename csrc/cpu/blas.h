@@ -82,38 +82,40 @@ class StepGemm {
     }
   }
 
-  void run(const T* a, int64_t rows, T* c, bool accumulate) const {
+  // `lda`: row stride of A when it is a column block of a wider matrix (default k).
+  void run(const T* a, int64_t rows, T* c, bool accumulate, int64_t lda = -1) const {
+    if (lda < 0) lda = k_;
     if (rows == 0 || n_ == 0) return;
     if (k_ == 0) {
       if (!accumulate) std::fill(c, c + rows * n_, T(0));
       return;
     }
-    if (!direct_) return run_aten(a, rows, c, accumulate);
+    if (!direct_ || lda * rows > std::numeric_limits<int>::max()) return run_aten(a, rows, c, accumulate, lda);
     const T beta = accumulate ? T(1) : T(0);
     if constexpr (std::is_same_v<T, float>) {
       if (packed_.defined()) {
         constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(k_),
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(lda),
                             reinterpret_cast<const float*>(packed_.const_data_ptr()), int(n_), beta, c, int(n_));
         return;
       }
     }
     // Column-major BLAS sees row-major C^T = op(W)^T A^T: A needs no transpose, W the opposite of op.
-    const int m = int(n_), n = int(rows), k = int(k_), ldw = transposed_ ? int(k_) : int(n_);
+    const int m = int(n_), n = int(rows), k = int(k_), lda_int = int(lda), ldw = transposed_ ? int(k_) : int(n_);
     const char trans_w = transposed_ ? 'T' : 'N', no_trans = 'N';
     const T alpha = T(1);
     const T* w = weight_.const_data_ptr<T>();
     if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, w, &ldw, a, &k, &beta, c, &m);
+      sgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, w, &ldw, a, &lda_int, &beta, c, &m);
     } else {
-      dgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, w, &ldw, a, &k, &beta, c, &m);
+      dgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, w, &ldw, a, &lda_int, &beta, c, &m);
     }
   }
 
  private:
-  void run_aten(const T* a, int64_t rows, T* c, bool accumulate) const {
+  void run_aten(const T* a, int64_t rows, T* c, bool accumulate, int64_t lda) const {
     const auto options = weight_.options();
-    const auto a_t = at::from_blob(const_cast<T*>(a), {rows, k_}, options);
+    const auto a_t = at::from_blob(const_cast<T*>(a), {rows, k_}, {lda, 1}, options);
     auto c_t = at::from_blob(c, {rows, n_}, options);
     const auto w = transposed_ ? weight_.t() : weight_;
     if (accumulate) {

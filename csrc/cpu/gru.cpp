@@ -141,37 +141,40 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
 }
 
 // ------------------------------------------------------------------------------------------ backward
+// Pre-activation gradients, one [N, 4H] buffer: [dr, dz, dhn, dn]. The r and z gradients are the same on
+// the input and the hidden side, so the hidden side's [dr, dz, dhn] are the first 3H columns and the input
+// side's [dr, dz, dn] are columns 0..2H and 3H..4H.
+constexpr int64_t kGradCols = 4;
+
 template <typename T>
 struct BackwardStep {
   const T* saved;        // [N, 4H]: r, z, n, hn
-  const T* prev_states;  // [N, H]: h_{t-1} of every packed row
+  const T* output;       // [N, H]: h_t of every packed row (h_{t-1} of the next step)
+  const T* h0;           // [B, H]
   const T* grad_output;  // [N, H]
   T* dh_state;           // [B, H]: gradient reaching h_t in, its direct part to h_{t-1} out
-  T* d_input_gates;      // [N, 3H]
-  T* d_hidden_gates;     // [N, 3H]
-  int64_t hidden, offset;
+  T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
+  int64_t hidden, offset, prev_offset, prev_rows;
 };
 
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.hidden, row = s.offset + b;
   const T* sv = s.saved + row * kSaved * H;
-  const T* h_prev = s.prev_states + row * H;
+  // h_{t-1}: the previous step's output, or h0 for a row's first step.
+  const T* h_prev = b < s.prev_rows ? s.output + (s.prev_offset + b) * H : s.h0 + b * H;
   const T* d_out = s.grad_output + row * H;
   T* dh = s.dh_state + b * H;
-  T* dgi = s.d_input_gates + row * kGates * H;
-  T* dgh = s.d_hidden_gates + row * kGates * H;
+  T* dg = s.d_gates + row * kGradCols * H;
   GATEDRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
     const GruGates<T> a{sv[j], sv[H + j], sv[2 * H + j], sv[3 * H + j]};
     GruGateGrads<T> d_in, d_hid;
     dh[j] = gru_backward(a, h_prev[j], d_out[j] + dh[j], d_in, d_hid);
-    dgi[j] = d_in.r;
-    dgi[H + j] = d_in.z;
-    dgi[2 * H + j] = d_in.n;
-    dgh[j] = d_hid.r;
-    dgh[H + j] = d_hid.z;
-    dgh[2 * H + j] = d_hid.n;
+    dg[j] = d_in.r;
+    dg[H + j] = d_in.z;
+    dg[2 * H + j] = d_hid.n;
+    dg[3 * H + j] = d_in.n;
   }
 }
 
@@ -180,21 +183,29 @@ GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<double>, backward_span)
 
 template <typename scalar_t>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
-                       const Tensor& saved, const Tensor& prev_states, const Tensor& w_hh, Tensor& d_input_gates,
-                       Tensor& d_hidden_gates, Tensor& dh) {
-  BackwardStep<scalar_t> args{saved.const_data_ptr<scalar_t>(),      prev_states.const_data_ptr<scalar_t>(),
-                              grad_out2d.const_data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
-                              d_input_gates.data_ptr<scalar_t>(),    d_hidden_gates.data_ptr<scalar_t>(),
-                              s.hidden,                              0};
+                       const Tensor& saved, const Tensor& output2d, const Tensor& h0, const Tensor& w_hh,
+                       Tensor& d_gates, Tensor& dh) {
+  const int64_t G = kGradCols * s.hidden;
+  BackwardStep<scalar_t> args{saved.const_data_ptr<scalar_t>(),
+                              output2d.const_data_ptr<scalar_t>(),
+                              h0.const_data_ptr<scalar_t>(),
+                              grad_out2d.const_data_ptr<scalar_t>(),
+                              dh.data_ptr<scalar_t>(),
+                              d_gates.data_ptr<scalar_t>(),
+                              s.hidden,
+                              0,
+                              0,
+                              0};
   const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
   for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
     const Step& step = *it;
     args.offset = step.offset;
+    args.prev_offset = step.prev_offset;
+    args.prev_rows = step.prev_rows;
     for_each_span(step.rows, s.hidden,
                   [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
-    // dh_{t-1} = (direct part, written above) + dG_hidden @ W_hh
-    recurrent_gemm.run(args.d_hidden_gates + step.offset * kGates * s.hidden, step.rows, args.dh_state,
-                       /*accumulate=*/true);
+    // dh_{t-1} = (direct part, written above) + [dr, dz, dhn] @ W_hh
+    recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, args.dh_state, /*accumulate=*/true, /*lda=*/G);
   }
 }
 
@@ -213,30 +224,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
               ": saved activations are missing or have the wrong size; was the forward called with "
               "save_for_backward=True?");
 
+  const int64_t H = s.hidden;
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
   const auto hx = to_compute(hx_, dtype);
-  const auto grad_out2d = to_compute(grad_output_, dtype).view({s.rows, s.hidden});
-  const auto output2d = to_compute(output_, dtype).view({s.rows, s.hidden});
-  const auto saved = saved_.contiguous().view({s.rows, kSaved * s.hidden});
+  const auto grad_out2d = to_compute(grad_output_, dtype).view({s.rows, H});
+  const auto output2d = to_compute(output_, dtype).view({s.rows, H});
+  const auto saved = saved_.contiguous().view({s.rows, kSaved * H});
   auto dh = grad_hy_.to(dtype, false, true).contiguous();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  const auto prev_states = gather_previous_states(schedule, output2d, hx);
-  auto d_input_gates = at::empty({s.rows, kGates * s.hidden}, input.options());
-  auto d_hidden_gates = at::empty({s.rows, kGates * s.hidden}, input.options());
+  auto d_gates = at::empty({s.rows, kGradCols * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
-    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, prev_states, w_hh, d_input_gates, d_hidden_gates,
-                                dh);
+    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh);
   });
 
+  // The input side's gradients are columns [0, 2H) (r, z) and [3H, 4H) (n) of d_gates.
   const auto storage = input_.scalar_type();
   const auto x2d = input.view({s.rows, s.input_size});
-  auto grad_input = at::mm(d_input_gates, w_ih).view(input_.sizes()).to(storage);
-  auto grad_w_ih = at::mm(d_input_gates.t(), x2d).to(storage);
-  auto grad_w_hh = at::mm(d_hidden_gates.t(), prev_states).to(storage);
-  auto grad_b_ih = has_bias ? d_input_gates.sum(0).to(storage) : at::empty({0}, input_.options());
-  auto grad_b_hh = has_bias ? d_hidden_gates.sum(0).to(storage) : at::empty({0}, input_.options());
-  return {grad_input, dh.to(storage), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  const auto d_rz = d_gates.narrow(1, 0, 2 * H), d_n = d_gates.narrow(1, 3 * H, H);
+  auto grad_input = at::mm(d_rz, w_ih.narrow(0, 0, 2 * H));
+  grad_input.addmm_(d_n, w_ih.narrow(0, 2 * H, H));
+  auto grad_w_ih = at::empty_like(w_ih);
+  auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
+  at::mm_out(grad_w_ih_rz, d_rz.t(), x2d);
+  at::mm_out(grad_w_ih_n, d_n.t(), x2d);
+  auto grad_w_hh = recurrent_weight_grad(d_gates.narrow(1, 0, kGates * H), output2d, hx, schedule,
+                                         !batch_sizes.has_value(), reverse);
+  Tensor grad_b_ih = at::empty({0}, input_.options()), grad_b_hh = at::empty({0}, input_.options());
+  if (has_bias) {
+    const auto sums = d_gates.sum(0);
+    grad_b_ih = at::cat({sums.narrow(0, 0, 2 * H), sums.narrow(0, 3 * H, H)}).to(storage);
+    grad_b_hh = sums.narrow(0, 0, kGates * H).to(storage);
+  }
+  return {grad_input.view(input_.sizes()).to(storage), dh.to(storage), grad_w_ih.to(storage),
+          grad_w_hh.to(storage), grad_b_ih, grad_b_hh};
 }
 
 }  // namespace

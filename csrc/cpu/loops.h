@@ -102,8 +102,7 @@ inline void for_each_span(int64_t rows, int64_t hidden, const F& f) {
   });
 }
 
-// The recurrent state each row saw on entry to its step, as one [N, R] matrix: the weight gradient
-// dW_hh = dG^T H_prev is then a single GEMM after the backward loop.
+// The recurrent state each row saw on entry to its step, as one [N, R] matrix (packed sequences).
 inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, const at::Tensor& output2d,
                                          const at::Tensor& h0) {
   auto prev = at::empty_like(output2d);
@@ -114,6 +113,22 @@ inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, cons
     }
   }
   return prev;
+}
+
+// dW_hh = dG_hidden^T @ H_prev, H_prev[row] being the state the row saw on entry to its step: h0 for the
+// first step, the previous step's output after. Dense input needs no gathered copy of H_prev: its rows
+// are the output shifted by one step (B rows), and h0 for the first step.
+inline at::Tensor recurrent_weight_grad(const at::Tensor& d_hidden, const at::Tensor& output2d, const at::Tensor& h0,
+                                        const std::vector<Step>& schedule, bool dense, bool reverse) {
+  if (!dense) return at::mm(d_hidden.t(), gather_previous_states(schedule, output2d, h0));
+  const int64_t rows = output2d.size(0), batch = h0.size(0), later = rows - batch;
+  // Forward: rows [B, N) saw output rows [0, N - B). Reverse: rows [0, N - B) saw output rows [B, N).
+  const auto d_first = d_hidden.narrow(0, reverse ? later : 0, batch);
+  auto grad = at::mm(d_first.t(), h0);
+  if (later > 0) {
+    grad.addmm_(d_hidden.narrow(0, reverse ? 0 : batch, later).t(), output2d.narrow(0, reverse ? batch : 0, later));
+  }
+  return grad;
 }
 
 }  // namespace gatedrnn::cpu

@@ -299,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto x2d = input.view({s.rows, s.input_size});
   auto grad_input = at::mm(d_gates, w_ih).view(input_.sizes()).to(storage);
   auto grad_w_ih = at::mm(d_gates.t(), x2d).to(storage);
-  auto grad_w_hh = at::mm(d_gates.t(), gather_previous_states(schedule, output2d, hx)).to(storage);
+  auto grad_w_hh = recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(), reverse).to(storage);
   auto grad_bias = has_bias ? d_gates.sum(0).to(storage) : at::empty({0}, input_.options());
   auto grad_w_hr = proj ? at::mm(d_proj.t(), hidden_pre_proj).to(storage) : at::empty({0}, input_.options());
   return {grad_input, dh.to(storage), dc.to(storage), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
