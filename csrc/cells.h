@@ -70,21 +70,14 @@ GATEDRNN_HD float cpu_tanh(float x) {
 GATEDRNN_HD double exp_(double x) { return ::exp(x); }
 GATEDRNN_HD double tanh_(double x) { return ::tanh(x); }
 
-GATEDRNN_HD float exp_(float x) {
 #ifdef __CUDA_ARCH__
-  return ::expf(x);
+#define GATEDRNN_DEVICE_OR_HOST(device, host) (device)
 #else
-  return detail::cpu_exp(x);
+#define GATEDRNN_DEVICE_OR_HOST(device, host) (host)
 #endif
-}
 
-GATEDRNN_HD float tanh_(float x) {
-#ifdef __CUDA_ARCH__
-  return ::tanhf(x);
-#else
-  return detail::cpu_tanh(x);
-#endif
-}
+GATEDRNN_HD float exp_(float x) { return GATEDRNN_DEVICE_OR_HOST(::expf(x), detail::cpu_exp(x)); }
+GATEDRNN_HD float tanh_(float x) { return GATEDRNN_DEVICE_OR_HOST(::tanhf(x), detail::cpu_tanh(x)); }
 
 template <typename acc_t>
 GATEDRNN_HD acc_t sigmoid(acc_t x) {

@@ -57,10 +57,7 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
     h[j] = h_new;
     out[j] = h_new;
     if constexpr (kSave) {  // gi is this row of the saved buffer: [r, z, n, hn]
-      gi[j] = a.r;
-      gi[H + j] = a.z;
-      gi[2 * H + j] = a.n;
-      gi[3 * H + j] = a.hn;
+      store_gates(gi, H, j, a.r, a.z, a.n, a.hn);
     }
   }
 }
@@ -74,8 +71,7 @@ GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b,
   }
 }
 
-GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
-GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
+GATEDRNN_SPAN_KERNELS(run_forward_span, ForwardStep, forward_span_any)
 
 template <typename scalar_t>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& input_proj,
@@ -171,15 +167,11 @@ GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, i
     const GruGates<T> a{sv[j], sv[H + j], sv[2 * H + j], sv[3 * H + j]};
     GruGateGrads<T> d_in, d_hid;
     dh[j] = gru_backward(a, h_prev[j], d_out[j] + dh[j], d_in, d_hid);
-    dg[j] = d_in.r;
-    dg[H + j] = d_in.z;
-    dg[2 * H + j] = d_hid.n;
-    dg[3 * H + j] = d_in.n;
+    store_gates(dg, H, j, d_in.r, d_in.z, d_hid.n, d_in.n);
   }
 }
 
-GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<float>, backward_span)
-GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<double>, backward_span)
+GATEDRNN_SPAN_KERNELS(run_backward_span, BackwardStep, backward_span)
 
 template <typename scalar_t>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,

@@ -83,6 +83,20 @@ inline Isa cpu_isa() {
   void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }
 #endif
 
+// The float and double versions of a span kernel; STEP is the step-arguments template.
+#define GATEDRNN_SPAN_KERNELS(NAME, STEP, BODY) \
+  GATEDRNN_SPAN_KERNEL(NAME, STEP<float>, BODY) \
+  GATEDRNN_SPAN_KERNEL(NAME, STEP<double>, BODY)
+
+// Writes four per-gate values of hidden unit j into a row laid out gate by gate ([4, H] or [4, stride]).
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void store_gates(T* row, int64_t stride, int64_t j, T v0, T v1, T v2, T v3) {
+  row[j] = v0;
+  row[stride + j] = v1;
+  row[2 * stride + j] = v2;
+  row[3 * stride + j] = v3;
+}
+
 // Calls f(b, j0, j1) for contiguous spans [j0, j1) of hidden units of batch row b, covering every row
 // b < rows, in parallel. The grain keeps tiny steps (B=1, small H) on the calling thread, where a thread
 // hand-off would cost more than the math.

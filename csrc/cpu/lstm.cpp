@@ -53,10 +53,7 @@ GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int
     const T h_new = lstm_hidden(a, c_new);
     c[j] = c_new;
     if constexpr (kSave) {
-      g[j] = a.i;
-      g[H + j] = a.f;
-      g[2 * H + j] = a.g;
-      g[3 * H + j] = a.o;
+      store_gates(g, H, j, a.i, a.f, a.g, a.o);
       s.cells[row * H + j] = c_new;
     }
     if constexpr (kProj) {
@@ -83,8 +80,7 @@ GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b,
   s.bias ? forward_span_biased<T, true>(s, b, j0, j1) : forward_span_biased<T, false>(s, b, j0, j1);
 }
 
-GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<float>, forward_span_any)
-GATEDRNN_SPAN_KERNEL(run_forward_span, ForwardStep<double>, forward_span_any)
+GATEDRNN_SPAN_KERNELS(run_forward_span, ForwardStep, forward_span_any)
 
 template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, const OptTensor& bias,
@@ -194,10 +190,7 @@ GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, i
     }
     LstmGateGrads<T> d;
     dc[j] = lstm_backward(a, c[j], c_prev[j], d_hidden, dc[j], d);
-    dg[j] = d.i;
-    dg[H + j] = d.f;
-    dg[2 * H + j] = d.g;
-    dg[3 * H + j] = d.o;
+    store_gates(dg, H, j, d.i, d.f, d.g, d.o);
   }
 }
 
@@ -206,8 +199,7 @@ GATEDRNN_ALWAYS_INLINE void backward_span_any(const BackwardStep<T>& s, int64_t 
   s.pre_proj ? backward_span<T, true>(s, b, j0, j1) : backward_span<T, false>(s, b, j0, j1);
 }
 
-GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<float>, backward_span_any)
-GATEDRNN_SPAN_KERNEL(run_backward_span, BackwardStep<double>, backward_span_any)
+GATEDRNN_SPAN_KERNELS(run_backward_span, BackwardStep, backward_span_any)
 
 template <typename scalar_t>
 void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
