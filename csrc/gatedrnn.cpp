@@ -3,7 +3,9 @@
 // One forward op per layer and direction over the whole sequence, and its backward op. Dense input is
 // [T, B, I]; packed input is [N, I] with `batch_sizes` (a PackedSequence's). Weights are passed exactly as
 // torch.nn stores them. The forward returns, besides output and final state, the activations its backward
-// needs (empty tensors when save_for_backward is false). Optional gradients come back as empty tensors.
+// needs (empty tensors when save_for_backward is false). The backward ops compute the gradients of the
+// initial state always and, as output_mask says, those of the input, the weights and the biases; the
+// gradients not asked for (and those of absent biases or projections) come back as empty tensors.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,7 +19,7 @@ TORCH_LIBRARY(gatedrnn, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor? batch_sizes, "
       "Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor output, Tensor gates, "
-      "Tensor cells, bool reverse, bool has_bias) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor cells, bool reverse, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
   m.def(
       "gru_forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
@@ -25,7 +27,7 @@ TORCH_LIBRARY(gatedrnn, m) {
       "-> (Tensor output, Tensor hy, Tensor saved)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
-      "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor saved, bool reverse, bool has_bias) "
+      "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor saved, bool reverse, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
 }

@@ -48,14 +48,21 @@ def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih
     return output, _dense_like(hx), _dense_like(cx), gates, cells
 
 
+def _grad_or_empty(wanted, like):
+    # What the backward ops return for a gradient: dense like its tensor, or empty when not asked for.
+    return _dense_like(like) if wanted else like.new_empty((0,))
+
+
 @torch.library.register_fake("gatedrnn::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
-                        output, gates, cells, reverse, has_bias):
+                        output, gates, cells, reverse, output_mask):
+    want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 4
-    grad_bias = input.new_empty((4 * hidden,) if has_bias else (0,))
-    grad_weight_hr = _dense_like(weight_hr) if weight_hr is not None else input.new_empty((0,))
-    return (_dense_like(input), _dense_like(hx), _dense_like(cx), _dense_like(weight_ih),
-            _dense_like(weight_hh), grad_bias, grad_weight_hr)
+    grad_bias = input.new_empty((4 * hidden,) if want_bias else (0,))
+    grad_weight_hr = _dense_like(weight_hr) if weight_hr is not None and want_weights else input.new_empty((0,))
+    return (_grad_or_empty(want_input, input), _dense_like(hx), _dense_like(cx),
+            _grad_or_empty(want_weights, weight_ih), _grad_or_empty(want_weights, weight_hh), grad_bias,
+            grad_weight_hr)
 
 
 @torch.library.register_fake("gatedrnn::gru_forward")
@@ -68,11 +75,12 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
-                       has_bias):
+                       output_mask):
+    want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
-    bias_shape = (3 * hidden,) if has_bias else (0,)
-    return (_dense_like(input), _dense_like(hx), _dense_like(weight_ih), _dense_like(weight_hh),
-            input.new_empty(bias_shape), input.new_empty(bias_shape))
+    bias_shape = (3 * hidden,) if want_bias else (0,)
+    return (_grad_or_empty(want_input, input), _dense_like(hx), _grad_or_empty(want_weights, weight_ih),
+            _grad_or_empty(want_weights, weight_hh), input.new_empty(bias_shape), input.new_empty(bias_shape))
 
 
 # ----------------------------------------------------------------------------------------- autograd
@@ -96,14 +104,18 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
         raise RuntimeError("gatedrnn: lstm_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    want_input, want_weights = needs[0], needs[4] or needs[5] or needs[8]
+    want_bias = ctx.has_bias and (needs[6] or needs[7])
     grads = _ops.lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
-        batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse, ctx.has_bias)
+        batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
+        [want_input, want_weights, want_bias])
     d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
-    d_bias = d_bias if ctx.has_bias else None
-    d_w_hr = d_w_hr if ctx.has_proj else None
     # Both biases enter the gates as a sum, so they get the same gradient.
-    return d_input, None, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_bias, d_w_hr, None, None
+    return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
+            d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
+            d_w_hr if want_weights and ctx.has_proj else None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -124,12 +136,15 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, weight_ih, weight_hh, out, saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    want_input, want_weights = needs[0], needs[3] or needs[4]
+    want_bias = ctx.has_bias and (needs[5] or needs[6])
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
-        weight_hh, out, saved, ctx.reverse, ctx.has_bias)
-    if not ctx.has_bias:
-        d_b_ih = d_b_hh = None
-    return d_input, None, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None, None
+        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias])
+    return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
+            d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
+            None)
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)

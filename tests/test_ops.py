@@ -116,13 +116,13 @@ def test_opcheck_backward_ops(packed, device):
     out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, True)
     grads = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy))
     torch.library.opcheck(torch.ops.gatedrnn.lstm_backward,
-                          (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse, True))
+                          (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse, [True, True, True]))
 
     x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse = gru_args(packed, True, True, device, requires_grad=False)
     out, hy, saved = torch.ops.gatedrnn.gru_forward(x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse, True)
     torch.library.opcheck(torch.ops.gatedrnn.gru_backward,
                           (torch.randn_like(out), torch.randn_like(hy), x, batch_sizes, h, w_ih, w_hh, out, saved,
-                           reverse, True))
+                           reverse, [True, True, True]))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_id)
@@ -155,3 +155,57 @@ def test_backward_without_saved_activations_is_refused():
     out, *_ = torch.ops.gatedrnn.lstm_forward(*args, False)
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()
+
+
+MASKS = [[True, True, True], [False, True, True], [True, False, False], [False, False, True]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+def test_backward_output_mask(mask, device):
+    """Gradients not asked for are not computed (empty); the ones asked for match the full computation."""
+    args = lstm_args(False, True, True, True, device, requires_grad=False)
+    x, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = args
+    out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, True)
+    grads = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy))
+    common = (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse)
+    full = torch.ops.gatedrnn.lstm_backward(*common, [True, True, True])
+    partial = torch.ops.gatedrnn.lstm_backward(*common, mask)
+    wanted = [mask[0], True, True, mask[1], mask[1], mask[2], mask[1]]
+    for k, (want, f, p) in enumerate(zip(wanted, full, partial)):
+        if want:
+            torch.testing.assert_close(p, f, atol=0, rtol=0)
+        else:
+            assert p.numel() == 0, k
+    torch.library.opcheck(torch.ops.gatedrnn.lstm_backward, (*common, mask))
+
+    x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse = gru_args(True, False, True, device, requires_grad=False)
+    out, hy, saved = torch.ops.gatedrnn.gru_forward(x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    common = (torch.randn_like(out), torch.randn_like(hy), x, batch_sizes, h, w_ih, w_hh, out, saved, reverse)
+    full = torch.ops.gatedrnn.gru_backward(*common, [True, True, True])
+    partial = torch.ops.gatedrnn.gru_backward(*common, mask)
+    for want, f, p in zip([mask[0], True, mask[1], mask[1], mask[2], mask[2]], full, partial):
+        if want:
+            torch.testing.assert_close(p, f, atol=0, rtol=0)
+        else:
+            assert p.numel() == 0
+    torch.library.opcheck(torch.ops.gatedrnn.gru_backward, (*common, mask))
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_frozen_parts_get_no_gradient(mode):
+    """Input without grad and frozen first-layer weights: the rest still matches torch.nn."""
+    from utils import twins
+
+    reference, ours = twins(mode, I, H, num_layers=2)
+    for module in (reference, ours):
+        module.weight_ih_l0.requires_grad_(False)
+        module.weight_hh_l0.requires_grad_(False)
+    x = torch.randn(5, 2, I, dtype=torch.float64)
+    for module in (reference, ours):
+        module(x)[0].square().sum().backward()
+    for (name, p), (_, q) in zip(ours.named_parameters(), reference.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10)

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 #include "../cells.h"
@@ -204,7 +205,8 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, bool has_bias) {
+    bool reverse, std::array<bool, 3> output_mask) {
+  const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt,
                                         std::nullopt, std::nullopt);
@@ -234,22 +236,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   const auto storage = input_.scalar_type();
   const auto x2d = input.view({s.rows, s.input_size});
   const auto d_rz = d_gates.narrow(1, 0, 2 * H), d_n = d_gates.narrow(1, 3 * H, H);
-  auto grad_input = at::mm(d_rz, w_ih.narrow(0, 0, 2 * H));
-  grad_input.addmm_(d_n, w_ih.narrow(0, 2 * H, H));
-  auto grad_w_ih = at::empty_like(w_ih);
-  auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
-  at::mm_out(grad_w_ih_rz, d_rz.t(), x2d);
-  at::mm_out(grad_w_ih_n, d_n.t(), x2d);
-  auto grad_w_hh = recurrent_weight_grad(d_gates.narrow(1, 0, kGates * H), output2d, hx, schedule,
-                                         !batch_sizes.has_value(), reverse);
-  Tensor grad_b_ih = at::empty({0}, input_.options()), grad_b_hh = at::empty({0}, input_.options());
-  if (has_bias) {
+  const auto none = [&] { return at::empty({0}, input_.options()); };
+  Tensor grad_input = none(), grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
+  if (want_input) {
+    grad_input = at::mm(d_rz, w_ih.narrow(0, 0, 2 * H));
+    grad_input.addmm_(d_n, w_ih.narrow(0, 2 * H, H));
+    grad_input = grad_input.view(input_.sizes()).to(storage);
+  }
+  if (want_weights) {
+    grad_w_ih = at::empty_like(w_ih);
+    auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
+    at::mm_out(grad_w_ih_rz, d_rz.t(), x2d);
+    at::mm_out(grad_w_ih_n, d_n.t(), x2d);
+    grad_w_ih = grad_w_ih.to(storage);
+    grad_w_hh = recurrent_weight_grad(d_gates.narrow(1, 0, kGates * H), output2d, hx, schedule,
+                                      !batch_sizes.has_value(), reverse)
+                    .to(storage);
+  }
+  if (want_bias) {
     const auto sums = d_gates.sum(0);
     grad_b_ih = at::cat({sums.narrow(0, 0, 2 * H), sums.narrow(0, 3 * H, H)}).to(storage);
     grad_b_hh = sums.narrow(0, 0, kGates * H).to(storage);
   }
-  return {grad_input.view(input_.sizes()).to(storage), dh.to(storage), grad_w_ih.to(storage),
-          grad_w_hh.to(storage), grad_b_ih, grad_b_hh};
+  return {grad_input, dh.to(storage), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace

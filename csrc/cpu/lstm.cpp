@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 #include "../cells.h"
@@ -251,7 +252,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& grad_cy_, const Tensor& input_,
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
-    bool has_bias) {
+    std::array<bool, 3> output_mask) {
+  const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::lstm_backward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt,
                                         std::nullopt, w_hr_);
@@ -289,11 +291,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
   const auto storage = input_.scalar_type();
   const auto x2d = input.view({s.rows, s.input_size});
-  auto grad_input = at::mm(d_gates, w_ih).view(input_.sizes()).to(storage);
-  auto grad_w_ih = at::mm(d_gates.t(), x2d).to(storage);
-  auto grad_w_hh = recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(), reverse).to(storage);
-  auto grad_bias = has_bias ? d_gates.sum(0).to(storage) : at::empty({0}, input_.options());
-  auto grad_w_hr = proj ? at::mm(d_proj.t(), hidden_pre_proj).to(storage) : at::empty({0}, input_.options());
+  const auto none = [&] { return at::empty({0}, input_.options()); };
+  auto grad_input = want_input ? at::mm(d_gates, w_ih).view(input_.sizes()).to(storage) : none();
+  auto grad_w_ih = want_weights ? at::mm(d_gates.t(), x2d).to(storage) : none();
+  auto grad_w_hh = want_weights ? recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(),
+                                                        reverse).to(storage)
+                                : none();
+  auto grad_bias = want_bias ? d_gates.sum(0).to(storage) : none();
+  auto grad_w_hr = proj && want_weights ? at::mm(d_proj.t(), hidden_pre_proj).to(storage) : none();
   return {grad_input, dh.to(storage), dc.to(storage), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
