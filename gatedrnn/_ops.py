@@ -150,6 +150,23 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
 
 
+def _double_backward_unsupported(ctx, *grads):
+    raise RuntimeError(
+        "gatedrnn: double backward (differentiating a gradient of a gatedrnn LSTM/GRU layer, e.g. a gradient "
+        "penalty) is not supported yet. First-order gradients with create_graph=True are fine; the second "
+        "differentiation is what is refused.")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+# The backward ops are differentiable in name only: this lets autograd.grad(create_graph=True) work and makes
+# a second differentiation fail with a clear message rather than deep inside a kernel.
+torch.library.register_autograd("gatedrnn::lstm_backward", _double_backward_unsupported, setup_context=_no_context)
+torch.library.register_autograd("gatedrnn::gru_backward", _double_backward_unsupported, setup_context=_no_context)
+
+
 # ----------------------------------------------------------------------------------------- entry points
 def _devices_with_kernels():
     from ._extension import backend_info

@@ -136,3 +136,23 @@ def test_cell_loop_matches_layer(mode):
         state = cell(x[t]) if state is None else cell(x[t], state)
         outputs.append(state[0] if isinstance(state, tuple) else state)
     torch.testing.assert_close(torch.stack(outputs), expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "LSTM", "GRU"])
+def test_gradcheck_inputs_and_parameters(mode):
+    """gradcheck with respect to input, state and every parameter (through torch.func.functional_call)."""
+    module = getattr(gatedrnn, mode)(3, 4).double()
+    shape = (2, 3) if "Cell" in mode else (4, 2, 3)
+    state_shape = (2, 4) if "Cell" in mode else (1, 2, 4)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in module.named_parameters()]
+    weights = [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+    def run(x, h, c, *weights):
+        state = (h, c) if mode.startswith("LSTM") else h
+        result = torch.func.functional_call(module, dict(zip(names, weights)), (x, state))
+        return tuple(torch.utils._pytree.tree_leaves(result))
+
+    assert torch.autograd.gradcheck(run, (x, h, c, *weights))

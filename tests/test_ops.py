@@ -209,3 +209,14 @@ def test_frozen_parts_get_no_gradient(mode):
             assert p.grad is None, name
         else:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_create_graph_then_double_backward_is_refused_clearly(mode):
+    module = getattr(gatedrnn, mode)(I, H).double()
+    x = torch.randn(5, 2, I, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(module(x)[0].sum(), x)[0]
+    grad = torch.autograd.grad(module(x)[0].sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(grad, expected, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported yet"):
+        torch.autograd.grad(grad.square().sum(), module.weight_hh_l0)
