@@ -50,7 +50,8 @@ GATEDRNN_HD float cpu_exp(float x) {
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 +
+                                          r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
   return p * bit_cast<float>((n_int + 127) << 23);
 }
 
@@ -60,7 +61,8 @@ GATEDRNN_HD float cpu_tanh(float x) {
   const float large = (1.0f - e) / (1.0f + e);
   const float x2 = ax * ax;
   const float small =
-      ax * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835 + x2 * (-1382.0f / 155925))))));
+      ax * (1.0f +
+            x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835 + x2 * (-1382.0f / 155925))))));
   const float magnitude = ax < 0.25f ? small : large;
   return x < 0 ? -magnitude : magnitude;
 }
@@ -138,8 +140,7 @@ struct GruGates {
 
 // gi_*: input projection incl. b_ih; gh_*: recurrent projection incl. b_hh.
 template <typename acc_t>
-GATEDRNN_HD GruGates<acc_t> gru_activate(acc_t gi_r, acc_t gi_z, acc_t gi_n, acc_t gh_r, acc_t gh_z,
-                                         acc_t gh_n) {
+GATEDRNN_HD GruGates<acc_t> gru_activate(acc_t gi_r, acc_t gi_z, acc_t gi_n, acc_t gh_r, acc_t gh_z, acc_t gh_n) {
   const acc_t r = sigmoid(gi_r + gh_r);
   const acc_t z = sigmoid(gi_z + gh_z);
   const acc_t n = tanh_(gi_n + r * gh_n);

@@ -70,8 +70,8 @@ inline LayerShape check_layer_args(const char* op, int64_t gates, const at::Tens
     s.batch = check_batch_sizes(op, *batch_sizes, s.rows);
     s.steps = batch_sizes->size(0);
   } else {
-    TORCH_CHECK(input.dim() == 3, op, ": dense input must be 3-D [seq_len, batch, input_size], but got ",
-                input.dim(), "-D");
+    TORCH_CHECK(input.dim() == 3, op, ": dense input must be 3-D [seq_len, batch, input_size], but got ", input.dim(),
+                "-D");
     s.steps = input.size(0);
     s.batch = input.size(1);
     s.rows = s.steps * s.batch;

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/blas.h"
+#include "cpu/loops.h"
 
 TORCH_LIBRARY(gatedrnn, m) {
   m.def(
@@ -43,12 +44,16 @@ namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef GATEDRNN_WITH_CUDA
-  return Py_BuildValue("{s:O,s:s,s:i,s:s}", "cuda", Py_True, "cuda_archs", GATEDRNN_CUDA_ARCHS, "cuda_runtime",
-                       gatedrnn_cuda_runtime_version(), "cpu_gemm", gatedrnn::cpu::gemm_path_name());
+  PyObject* cuda = Py_True;
+  const char* cuda_archs = GATEDRNN_CUDA_ARCHS;
+  const int cuda_runtime = gatedrnn_cuda_runtime_version();
 #else
-  return Py_BuildValue("{s:O,s:s,s:i,s:s}", "cuda", Py_False, "cuda_archs", "", "cuda_runtime", 0, "cpu_gemm",
-                       gatedrnn::cpu::gemm_path_name());
+  PyObject* cuda = Py_False;
+  const char* cuda_archs = "";
+  const int cuda_runtime = 0;
 #endif
+  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime", cuda_runtime,
+                       "cpu_gemm", gatedrnn::cpu::gemm_path_name(), "cpu_isa", gatedrnn::cpu::cpu_isa_name());
 }
 
 PyMethodDef methods[] = {
@@ -56,8 +61,8 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gatedrnn's compiled ops (registered in torch.ops.gatedrnn)",
-                          -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gatedrnn's compiled ops (registered in torch.ops.gatedrnn)", -1,
+                          methods};
 
 }  // namespace
 

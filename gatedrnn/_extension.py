@@ -22,7 +22,8 @@ def backend_info():
     Returns a dict: ``cpu`` (True when every op has a CPU kernel), ``cuda`` (True when every op has a CUDA
     kernel), ``cuda_compiled`` (the CUDA sources were built), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST
     they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_gemm`` (how the
-    CPU time loops call GEMM: "mkl-packed", "blas" or "aten"; see csrc/cpu/blas.h), ``library``
+    CPU time loops call GEMM: "mkl-packed", "blas" or "aten"; see csrc/cpu/blas.h), ``cpu_isa`` (which
+    compiled variant of the fused CPU passes runs: "avx512", "avx2" or "baseline"), ``library``
     (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
@@ -37,6 +38,7 @@ def backend_info():
         "cuda_archs": build["cuda_archs"],
         "cuda_runtime": build["cuda_runtime"],
         "cpu_gemm": build["cpu_gemm"],
+        "cpu_isa": build["cpu_isa"],
         "library": _C.__file__,
         "torch": torch.__version__,
     }

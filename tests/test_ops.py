@@ -116,7 +116,8 @@ def test_opcheck_backward_ops(packed, device):
     out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, True)
     grads = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy))
     torch.library.opcheck(torch.ops.gatedrnn.lstm_backward,
-                          (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse, [True, True, True]))
+                          (*grads, x, batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse,
+                           [True, True, True]))
 
     x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse = gru_args(packed, True, True, device, requires_grad=False)
     out, hy, saved = torch.ops.gatedrnn.gru_forward(x, batch_sizes, h, w_ih, w_hh, b_ih, b_hh, reverse, True)

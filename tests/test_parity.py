@@ -158,3 +158,28 @@ def test_dropout(mode):
     eval_out = ours(x)[0]
     ours.train()
     assert not torch.allclose(ours(x)[0], eval_out)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0, 300.0])
+def test_float32_activations_across_ranges(mode, scale):
+    """The CPU's own float exp/tanh, from tiny pre-activations (tanh's series branch) to saturation: the
+    float32 result stays within float32 rounding of the float64 one."""
+    reference, ours = twins(mode, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(scale)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 4, 8, dtype=torch.float64)
+    exact, _ = reference(x)
+    out, _ = ours.float()(x.float())
+    torch.testing.assert_close(out.double(), exact, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_nan_propagates_like_torch_nn(mode):
+    reference, ours = twins(mode, I, H, dtype=torch.float32)
+    x = torch.randn(T, B, I)
+    x[2, 1, 0] = float("nan")
+    expected, actual = reference(x)[0], ours(x)[0]
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))

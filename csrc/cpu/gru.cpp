@@ -105,8 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
                                                    bool save) {
   constexpr const char* op = "gatedrnn::gru_forward";
-  const LayerShape s =
-      check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
   const auto b_ih = to_compute(b_ih_, dtype), b_hh = to_compute(b_hh_, dtype);
@@ -195,8 +194,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
     args.offset = step.offset;
     args.prev_offset = step.prev_offset;
     args.prev_rows = step.prev_rows;
-    for_each_span(step.rows, s.hidden,
-                  [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
+    for_each_span(step.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // dh_{t-1} = (direct part, written above) + [dr, dz, dhn] @ W_hh
     recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, args.dh_state, /*accumulate=*/true, /*lda=*/G);
   }
@@ -208,8 +206,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     bool reverse, std::array<bool, 3> output_mask) {
   const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::gru_backward";
-  const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt,
-                                        std::nullopt, std::nullopt);
+  const LayerShape s =
+      check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt, std::nullopt, std::nullopt);
   const auto dtype = compute_dtype(input_.scalar_type());
   check_shape(op, grad_hy_, {s.batch, s.hidden}, "grad_hy");
   TORCH_CHECK(grad_output_.numel() == s.rows * s.hidden && output_.numel() == s.rows * s.hidden, op,

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../sequence.h"
@@ -17,9 +19,7 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) {
   return (storage == at::kBFloat16 || storage == at::kHalf) ? at::kFloat : storage;
 }
 
-inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype).contiguous();
-}
+inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value()) return std::nullopt;
@@ -43,15 +43,19 @@ inline at::Tensor rows_of(const at::Tensor& t, int64_t offset, int64_t rows) { r
 // instead and falls back to baseline on virtual machines whose model it does not know).
 enum class Isa { Baseline, Avx2, Avx512 };
 
+// GATEDRNN_CPU_ISA=baseline or avx2 caps the choice (so that tests can run every variant on one machine).
 inline Isa cpu_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const Isa isa = [] {
+    const char* cap = std::getenv("GATEDRNN_CPU_ISA");
+    if (cap && std::strcmp(cap, "baseline") == 0) return Isa::Baseline;
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (cap && std::strcmp(cap, "avx2") == 0) return avx2 ? Isa::Avx2 : Isa::Baseline;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq"))
       return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Baseline;
+    return avx2 ? Isa::Avx2 : Isa::Baseline;
   }();
   return isa;
 #else
@@ -59,24 +63,32 @@ inline Isa cpu_isa() {
 #endif
 }
 
+inline const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
 // Defines `void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1)` running BODY(s, b, j0, j1), an
 // always-inline template, compiled for the instruction set chosen by cpu_isa().
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GATEDRNN_SPAN_KERNEL(NAME, STEP, BODY)                                                              \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void NAME##_avx512(              \
-      const STEP& s, int64_t b, int64_t j0, int64_t j1) {                                                  \
-    BODY(s, b, j0, j1);                                                                                    \
-  }                                                                                                        \
-  __attribute__((target("avx2,fma"))) void NAME##_avx2(const STEP& s, int64_t b, int64_t j0, int64_t j1) { \
-    BODY(s, b, j0, j1);                                                                                    \
-  }                                                                                                        \
-  void NAME##_baseline(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }           \
-  void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1) {                                            \
-    using Fn = void (*)(const STEP&, int64_t, int64_t, int64_t);                                           \
-    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(NAME##_avx512)                     \
-                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(NAME##_avx2)                       \
-                                                      : static_cast<Fn>(NAME##_baseline);                  \
-    chosen(s, b, j0, j1);                                                                                  \
+#define GATEDRNN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define GATEDRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define GATEDRNN_SPAN_KERNEL(NAME, STEP, BODY)                                                                        \
+  GATEDRNN_TARGET_AVX512 void NAME##_avx512(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); } \
+  GATEDRNN_TARGET_AVX2 void NAME##_avx2(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }     \
+  void NAME##_baseline(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }                      \
+  void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1) {                                                       \
+    using Fn = void (*)(const STEP&, int64_t, int64_t, int64_t);                                                      \
+    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(NAME##_avx512)                                \
+                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(NAME##_avx2)                                  \
+                                                      : static_cast<Fn>(NAME##_baseline);                             \
+    chosen(s, b, j0, j1);                                                                                             \
   }
 #else
 #define GATEDRNN_SPAN_KERNEL(NAME, STEP, BODY) \

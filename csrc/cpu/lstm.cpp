@@ -71,8 +71,7 @@ GATEDRNN_ALWAYS_INLINE void forward_span_biased(const ForwardStep<T>& s, int64_t
   if (s.cells) {
     s.pre_proj ? forward_span<T, true, true, kBias>(s, b, j0, j1) : forward_span<T, true, false, kBias>(s, b, j0, j1);
   } else {
-    s.pre_proj ? forward_span<T, false, true, kBias>(s, b, j0, j1)
-               : forward_span<T, false, false, kBias>(s, b, j0, j1);
+    s.pre_proj ? forward_span<T, false, true, kBias>(s, b, j0, j1) : forward_span<T, false, false, kBias>(s, b, j0, j1);
   }
 }
 
@@ -92,7 +91,8 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, T
   auto recurrent = at::empty({s.batch, G}, gates.options());
   auto hidden_pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
   const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch, s.steps);
-  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch, s.steps) : std::nullopt;
+  const auto proj_gemm =
+      proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch, s.steps) : std::nullopt;
 
   scalar_t* h_state = hy.data_ptr<scalar_t>();
   scalar_t* output = output2d.data_ptr<scalar_t>();
@@ -121,10 +121,11 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, T
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
-    const Tensor& input_, const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_,
-    const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_, bool reverse,
-    bool save) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
+                                                                    const Tensor& hx_, const Tensor& cx_,
+                                                                    const Tensor& w_ih_, const Tensor& w_hh_,
+                                                                    const OptTensor& b_ih_, const OptTensor& b_hh_,
+                                                                    const OptTensor& w_hr_, bool reverse, bool save) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   check_same_dtype_device(op, input_, cx_, "cx");
@@ -139,7 +140,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   const auto x2d = input.view({s.rows, s.input_size});
   // The biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 4H first.
   auto gates = at::mm(x2d, w_ih.t());
-  const OptTensor bias = b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
+  const OptTensor bias =
+      b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
   auto cells = save ? at::empty({s.rows, s.hidden}, input.options()) : at::empty({0}, input.options());
 
@@ -211,7 +213,8 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   const bool proj = w_hr.has_value();
   auto dh_pre_proj = proj ? at::empty({s.batch, s.hidden}, gates.options()) : Tensor();
   const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
-  const auto proj_gemm = proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch, s.steps) : std::nullopt;
+  const auto proj_gemm =
+      proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch, s.steps) : std::nullopt;
   const scalar_t* grad_out = grad_out2d.const_data_ptr<scalar_t>();
   scalar_t* dh_state = dh.data_ptr<scalar_t>();
   scalar_t* d_out_proj = proj ? d_proj.data_ptr<scalar_t>() : nullptr;
@@ -241,8 +244,7 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
     args.offset = step.offset;
     args.prev_offset = step.prev_offset;
     args.prev_rows = step.prev_rows;
-    for_each_span(step.rows, s.hidden,
-                  [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
+    for_each_span(step.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
     // h_{t-1} reaches step t only through W_hh: this overwrites the rows' gradient entirely.
     recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, dh_state, /*accumulate=*/false);
   }
@@ -255,8 +257,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     std::array<bool, 3> output_mask) {
   const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::lstm_backward";
-  const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt,
-                                        std::nullopt, w_hr_);
+  const LayerShape s =
+      check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_);
   const auto dtype = compute_dtype(input_.scalar_type());
   check_shape(op, cx_, {s.batch, s.hidden}, "cx");
   check_shape(op, grad_hy_, {s.batch, s.state}, "grad_hy");
@@ -265,7 +267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
               ": grad_output and output must have ", s.rows * s.state, " elements");
   TORCH_CHECK(gates_.numel() == s.rows * kGates * s.hidden && cells_.numel() == s.rows * s.hidden &&
                   gates_.scalar_type() == dtype && cells_.scalar_type() == dtype,
-              op, ": saved activations are missing or have the wrong size; was the forward called with "
+              op,
+              ": saved activations are missing or have the wrong size; was the forward called with "
               "save_for_backward=True?");
 
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -294,9 +297,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto none = [&] { return at::empty({0}, input_.options()); };
   auto grad_input = want_input ? at::mm(d_gates, w_ih).view(input_.sizes()).to(storage) : none();
   auto grad_w_ih = want_weights ? at::mm(d_gates.t(), x2d).to(storage) : none();
-  auto grad_w_hh = want_weights ? recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(),
-                                                        reverse).to(storage)
-                                : none();
+  auto grad_w_hh =
+      want_weights
+          ? recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(), reverse).to(storage)
+          : none();
   auto grad_bias = want_bias ? d_gates.sum(0).to(storage) : none();
   auto grad_w_hr = proj && want_weights ? at::mm(d_proj.t(), hidden_pre_proj).to(storage) : none();
   return {grad_input, dh.to(storage), dc.to(storage), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};

@@ -1,0 +1,70 @@
+"""Every compiled variant of the CPU path gives torch.nn's answers: each instruction-set version of the fused
+passes (GATEDRNN_CPU_ISA) and each way of calling GEMM (GATEDRNN_CPU_GEMM). Both are chosen once per
+process, so each variant runs in a subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gatedrnn
+
+CHECK = r"""
+import json, torch, gatedrnn
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+worst = {}
+for dtype, atol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+    for mode, kwargs in [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=3)),
+                         ("GRU", dict(num_layers=2, bidirectional=True))]:
+        torch.manual_seed(0)
+        ref = getattr(nn, mode)(7, 24, **kwargs).to(dtype)
+        ours = getattr(gatedrnn, mode)(7, 24, **kwargs).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        for packed in (False, True):
+            results = []
+            for module in (ref, ours):
+                x = torch.randn(9, 12, 7, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+                inp = pack_padded_sequence(x, torch.arange(12, 0, -1).clamp(max=9), enforce_sorted=False) if packed else x
+                out = module(inp)[0]
+                out = out.data if packed else out
+                grads = torch.autograd.grad(out.square().sum(), [x] + list(module.parameters()))
+                results.append([out, *grads])
+            err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
+            worst[f"{mode}{kwargs}-{dtype}-packed={packed}"] = (err, atol)
+print(json.dumps({"info": gatedrnn.backend_info(), "worst": worst}))
+"""
+
+
+def run_variant(env_overrides):
+    env = dict(os.environ, **env_overrides)
+    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+ISA_LEVELS = ["baseline", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_each_instruction_set_variant(isa):
+    report = run_variant({"GATEDRNN_CPU_ISA": isa} if isa != "avx512" else {})
+    ran = report["info"]["cpu_isa"]
+    # A variant the CPU cannot run is capped to the best one it can; say so instead of passing silently.
+    if ISA_LEVELS.index(ran) < ISA_LEVELS.index(isa):
+        pytest.skip(f"this CPU cannot run the {isa} variant (ran {ran})")
+    assert ran == isa
+    for case, (err, atol) in report["worst"].items():
+        assert err < atol, (case, err)
+
+
+@pytest.mark.parametrize("path", ["aten", "default"])
+def test_each_gemm_path(path):
+    report = run_variant({"GATEDRNN_CPU_GEMM": "aten"} if path == "aten" else {})
+    if path == "aten":
+        assert report["info"]["cpu_gemm"] == "aten"
+    else:
+        assert report["info"]["cpu_gemm"] == gatedrnn.backend_info()["cpu_gemm"]
+    for case, (err, atol) in report["worst"].items():
+        assert err < atol, (case, err)
