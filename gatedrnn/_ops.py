@@ -96,6 +96,9 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.has_proj = weight_hr is not None
     ctx.saved_forward = save
     ctx.mark_non_differentiable(gates, cells)
+    # Undefined output gradients stay None: materialising zeros for the saved activations costs a pass
+    # over N x 5H for nothing.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells)
 
 
@@ -128,6 +131,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.has_bias = bias_ih is not None
     ctx.saved_forward = save
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # see _lstm_setup_context
     ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, out, saved)
 
 
