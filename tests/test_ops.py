@@ -221,3 +221,22 @@ def test_create_graph_then_double_backward_is_refused_clearly(mode):
     torch.testing.assert_close(grad, expected, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="double backward .* is not supported yet"):
         torch.autograd.grad(grad.square().sum(), module.weight_hh_l0)
+
+
+def test_inference_scratch_reuse_across_calls_and_sizes():
+    """Inference calls reuse one per-thread gate buffer: alternating sizes, layers and ops must not leak one
+    call's values into another's results."""
+    expected = {}
+    shapes = [(7, 3), (2, 1), (11, 5)]
+    for T_, B_ in shapes:
+        args = lstm_args(False, False, True, False, requires_grad=False)
+        x = torch.randn(T_, B_, I, dtype=torch.float64)
+        h, c = torch.randn(B_, H, dtype=torch.float64), torch.randn(B_, H, dtype=torch.float64)
+        call = (x, None, h, c, *args[4:])
+        expected[(T_, B_)] = (call, reference.lstm_layer(*call))
+    for _ in range(2):
+        for key, (call, want) in expected.items():
+            out = torch.ops.gatedrnn.lstm_forward(*call, False)[:3]
+            torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+            gru = gru_args(False, False, True, requires_grad=False)
+            torch.ops.gatedrnn.gru_forward(*gru, False)  # another op using the scratch in between

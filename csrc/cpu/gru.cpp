@@ -15,6 +15,7 @@
 #include "../sequence.h"
 #include "blas.h"
 #include "loops.h"
+#include "workspace.h"
 
 namespace gatedrnn::cpu {
 namespace {
@@ -114,7 +115,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   const auto x2d = input.view({s.rows, s.input_size});
   // When saving, the projection is written straight into the saved buffer (one allocation, no copy). The
   // biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 3H first.
-  auto saved = at::empty({s.rows, (save ? kSaved : kGates) * s.hidden}, input.options());
+  auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options())
+                    : scratch_tensor({s.rows, kGates * s.hidden}, input.options());
   auto input_proj = saved.narrow(1, 0, kGates * s.hidden);
   at::mm_out(input_proj, x2d, w_ih.t());
   OptTensor bias_input;

@@ -15,6 +15,7 @@
 #include "../sequence.h"
 #include "blas.h"
 #include "loops.h"
+#include "workspace.h"
 
 namespace gatedrnn::cpu {
 namespace {
@@ -139,7 +140,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto x2d = input.view({s.rows, s.input_size});
   // The biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 4H first.
-  auto gates = at::mm(x2d, w_ih.t());
+  auto gates = save ? at::empty({s.rows, kGates * s.hidden}, input.options())
+                    : scratch_tensor({s.rows, kGates * s.hidden}, input.options());
+  at::mm_out(gates, x2d, w_ih.t());
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
