@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   // When saving, the projection is written straight into the saved buffer (one allocation, no copy). The
   // biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 3H first.
   auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options())
-                    : scratch_tensor({s.rows, kGates * s.hidden}, input.options());
+                    : scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
   auto input_proj = saved.narrow(1, 0, kGates * s.hidden);
   at::mm_out(input_proj, x2d, w_ih.t());
   OptTensor bias_input;
@@ -227,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   auto dh = grad_hy_.to(dtype, false, true).contiguous();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  auto d_gates = at::empty({s.rows, kGradCols * H}, input.options());
+  auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGradCols * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
     gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh);
   });

@@ -141,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   const auto x2d = input.view({s.rows, s.input_size});
   // The biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 4H first.
   auto gates = save ? at::empty({s.rows, kGates * s.hidden}, input.options())
-                    : scratch_tensor({s.rows, kGates * s.hidden}, input.options());
+                    : scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
   at::mm_out(gates, x2d, w_ih.t());
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
@@ -284,10 +284,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   auto dh = grad_hy_.to(dtype, false, true).contiguous();
   auto dc = grad_cy_.to(dtype, false, true).contiguous();
 
-  auto d_gates = at::empty({s.rows, kGates * s.hidden}, input.options());
+  auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
   const bool proj = w_hr.has_value();
-  auto d_proj = proj ? at::empty({s.rows, s.state}, input.options()) : Tensor();
-  auto hidden_pre_proj = proj ? at::empty({s.rows, s.hidden}, input.options()) : Tensor();
+  auto d_proj = proj ? scratch_tensor(Scratch::Projection, {s.rows, s.state}, input.options()) : Tensor();
+  auto hidden_pre_proj =
+      proj ? scratch_tensor(Scratch::PreProjection, {s.rows, s.hidden}, input.options()) : Tensor();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_backward_cpu", [&] {
