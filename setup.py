@@ -50,41 +50,40 @@ def want_cuda():
     return torch_has_cuda and root is not None, root
 
 
-with_cuda, cuda_root = want_cuda()
-if with_cuda:
-    # cpp_extension reads CUDA_HOME when it is imported.
-    os.environ["CUDA_HOME"] = cuda_root
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+def main():
+    with_cuda, cuda_root = want_cuda()
+    if with_cuda:
+        # cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_root
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-debug = os.environ.get("GATEDRNN_DEBUG") == "1"
-# -g0: Python's flags carry -g, which costs ~25 s per file and a 24x larger .so.
-opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-# torch chooses the C++ standard (C++20). -fno-trapping-math and -fno-math-errno (as torch itself is built)
-# let GCC vectorise the fused CPU loops, whose selects it otherwise will not if-convert.
-cxx_flags = opt + ["-Wall", "-Wno-unused-parameter", "-fno-trapping-math", "-fno-math-errno"]
-sources = ["csrc/gatedrnn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-define_macros = []
+    debug = os.environ.get("GATEDRNN_DEBUG") == "1"
+    # -g0: Python's flags carry -g, which costs ~25 s per file and a 24x larger .so.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    # torch chooses the C++ standard (C++20). -fno-trapping-math and -fno-math-errno (as torch itself is
+    # built) let GCC vectorise the fused CPU loops, whose selects it otherwise will not if-convert.
+    cxx_flags = opt + ["-Wall", "-Wno-unused-parameter", "-fno-trapping-math", "-fno-math-errno"]
+    sources = ["csrc/gatedrnn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = []
 
-if with_cuda:
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    define_macros += [("GATEDRNN_WITH_CUDA", None), ("GATEDRNN_CUDA_ARCHS", f'"{archs}"')]
-    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-    # Fail the build when a kernel spills registers or uses local memory (checked statically by ptxas).
-    nvcc_flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror", "--expt-relaxed-constexpr"]
-    ext = CUDAExtension(
-        "gatedrnn._C",
-        sources,
-        define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-    )
-else:
-    ext = CppExtension("gatedrnn._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+    if with_cuda:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros += [("GATEDRNN_WITH_CUDA", None), ("GATEDRNN_CUDA_ARCHS", f'"{archs}"')]
+        nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+        # Fail the build when a kernel spills registers or uses local memory (checked statically by ptxas).
+        nvcc_flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror", "--expt-relaxed-constexpr"]
+        ext = CUDAExtension("gatedrnn._C", sources, define_macros=define_macros,
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    else:
+        ext = CppExtension("gatedrnn._C", sources, define_macros=define_macros,
+                           extra_compile_args={"cxx": cxx_flags})
 
-# Name, version and packages live in pyproject.toml.
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-)
+    # Name, version and packages live in pyproject.toml.
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+
+
+if __name__ == "__main__":
+    main()

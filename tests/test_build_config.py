@@ -1,0 +1,49 @@
+"""setup.py's build decisions: CUDA by torch's build and a CUDA root (never by torch.cuda.is_available()),
+forced by GATEDRNN_CUDA, and the real CUDA root rather than the directory of a wrapper script."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+import gatedrnn
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gatedrnn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the functions; the build itself runs only as __main__
+    return module
+
+
+def test_forced_off(setup_module, monkeypatch):
+    monkeypatch.setenv("GATEDRNN_CUDA", "0")
+    assert setup_module.want_cuda()[0] is False
+
+
+def test_automatic_choice_follows_torch_build_and_cuda_root(setup_module, monkeypatch):
+    monkeypatch.delenv("GATEDRNN_CUDA", raising=False)
+    with_cuda, root = setup_module.want_cuda()
+    assert with_cuda == (torch.version.cuda is not None and root is not None)
+    if root is not None:
+        assert os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isdir(os.path.join(root, "lib64"))
+
+
+def test_forced_on_needs_cuda_torch_and_root(setup_module, monkeypatch):
+    monkeypatch.setenv("GATEDRNN_CUDA", "1")
+    if torch.version.cuda is None or setup_module.find_cuda_root() is None:
+        with pytest.raises(RuntimeError, match="GATEDRNN_CUDA=1"):
+            setup_module.want_cuda()
+    else:
+        assert setup_module.want_cuda()[0] is True
+
+
+def test_installed_build_matches_the_decision(setup_module, monkeypatch):
+    """The extension under test was built the way setup.py decides by default on this machine."""
+    if "GATEDRNN_CUDA" in os.environ:
+        pytest.skip("GATEDRNN_CUDA is set: the build may have been forced")
+    assert gatedrnn.backend_info()["cuda_compiled"] == setup_module.want_cuda()[0]
