@@ -1,46 +1,88 @@
-"""python -m benchmarks [--quick] [--repeats N]: gatedrnn vs torch.nn, side by side, on the CPU.
+"""python -m benchmarks [--quick | --full] [--repeats N] [--devices cpu,cuda] [--filter TEXT]
 
-Prints a table of median times over interleaved repeats and the speed-up of gatedrnn over torch.nn
-(above 1 means gatedrnn is faster). Each shape is checked for agreement before it is timed.
+Times gatedrnn against torch.nn side by side (interleaved) on every available device, for the standard
+shapes: LSTM and GRU, inference and training, dense, 2-layer bidirectional and packed variable-length input.
+Each case is first checked for agreement (outputs, and input gradients when training); a case that
+disagrees is reported and not timed. Prints a table per device and writes JSON and a PNG chart to
+benchmarks/results/.
 """
 import argparse
 import sys
 
 import torch
 
-import gatedrnn
+from .cases import standard_cases
+from .measure import gemm_roofline_gflops, measure
+from .report import device_name, output_stem, table, to_json, write_chart, write_json
 
-from .timing import Case, format_table, time_case
 
-# The shapes the foundation issue sets speed targets on (float32, CPU).
-STANDARD = [
-    Case("GRU", 100, 64, 256, 256, training=True),
-    Case("GRU", 50, 1, 128, 128, training=True),
-    Case("GRU", 100, 64, 512, 512, training=False),
-    Case("LSTM", 100, 64, 512, 512, training=True),
-    Case("LSTM", 100, 64, 512, 512, training=False),
-    Case("LSTM", 50, 1, 128, 128, training=True),
-    Case("LSTM", 50, 1, 128, 128, training=False),
-]
+class Progress:
+    """A one-line progress bar on a terminal; one line per case otherwise (CI logs)."""
+
+    def __init__(self, total):
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+
+    def step(self, label):
+        self.done += 1
+        bar = "#" * (30 * self.done // self.total)
+        line = f"[{bar:<30}] {self.done}/{self.total} {label}"
+        print(f"\r{line:<110}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def available_devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on 2 cores)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per module and shape")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="3 repeats per case (under 3 minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true", help="also T=100 B=64 I=H=1024 on the CPU")
+    parser.add_argument("--repeats", type=int, help="timed repeats per implementation and case (default 3 quick, 11)")
+    parser.add_argument("--devices", help="comma-separated subset of: " + ",".join(available_devices()))
+    parser.add_argument("--filter", default="", help="only cases whose label contains this text")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or PNG")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 15)
+    repeats = args.repeats or (3 if args.quick else 11)
+    warmup = 1 if args.quick else 2
+    devices = args.devices.split(",") if args.devices else available_devices()
+    unknown = set(devices) - set(available_devices())
+    if unknown:
+        parser.error(f"not available here: {', '.join(sorted(unknown))}")
 
-    info = gatedrnn.backend_info()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, gatedrnn backend {info}")
-    print(f"median of {repeats} interleaved repeats, float32, CPU\n")
-    results = []
-    for case in STANDARD:
-        results.append(time_case(case, repeats=repeats))
-        print(f"  done: {case.label()}", file=sys.stderr, flush=True)
-    print(format_table(results))
+    plan = [(d, c) for d in devices for c in standard_cases(d, full=args.full) if args.filter in c.label()]
+    print(f"gatedrnn benchmark: torch {torch.__version__}, {len(plan)} cases, median (min) of {repeats} "
+          f"interleaved repeats")
+    runs = {}
+    progress = Progress(len(plan))
+    for device in devices:
+        cases = [c for d, c in plan if d == device]
+        roofline = {dtype: gemm_roofline_gflops(device, dtype) for dtype in {c.dtype for c in cases}}
+        results = []
+        for case in cases:
+            results.append(measure(case, device, repeats, warmup))
+            progress.step(f"{device}: {case.label()}")
+        runs[device] = (results, roofline)
+    progress.close()
+
+    for device, (results, roofline) in runs.items():
+        peaks = ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in roofline.items())
+        print(f"\n{device}: {device_name(device)} (GEMM roofline measured in this run: {peaks})")
+        print(table(results, roofline))
+    if not args.no_save:
+        stem = output_stem(runs)
+        print(f"\nwrote {write_json(to_json(runs, sys.argv[1:] if argv is None else argv), stem)}")
+        chart = write_chart(runs, stem)
+        if chart:
+            print(f"wrote {chart}")
+    disagreements = [r for results, _ in runs.values() for r in results if r.error]
+    return 1 if disagreements else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

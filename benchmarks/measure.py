@@ -1,0 +1,199 @@
+"""Measuring one case: same-weight modules, agreement first, interleaved timing, memory, GEMM roofline."""
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import gatedrnn
+
+# Largest output difference (relative to the output's scale) that still counts as agreement, by dtype.
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+
+
+@dataclass
+class Result:
+    case: object
+    device: str
+    timings: dict = field(default_factory=dict)  # implementation name -> Timing
+    memory_bytes: dict = field(default_factory=dict)  # implementation name -> saved/peak bytes (training)
+    max_rel_diff: float = 0.0
+    error: str = ""  # non-empty: the case was not timed, and why
+
+    def speedup(self, baseline="torch.nn"):
+        if self.error or "gatedrnn" not in self.timings or baseline not in self.timings:
+            return None
+        return self.timings[baseline].median_ms / self.timings["gatedrnn"].median_ms
+
+
+def implementations(device):
+    """What is compared on a device: gatedrnn (where it has kernels) and torch.nn, and on CUDA also torch.nn
+    with cuDNN disabled (ATen's own RNN kernels)."""
+    names = []
+    if gatedrnn.backend_info()[device]:
+        names.append("gatedrnn")
+    names.append("torch.nn")
+    if device == "cuda":
+        names.append("torch.nn no-cuDNN")
+    return names
+
+
+def _cudnn_disabled(name):
+    return name == "torch.nn no-cuDNN"
+
+
+def make_modules(case, device, names):
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
+    reference = getattr(nn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
+    modules = {}
+    for name in names:
+        if name == "gatedrnn":
+            ours = getattr(gatedrnn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
+            ours.load_state_dict(reference.state_dict())
+            modules[name] = ours
+        else:
+            modules[name] = reference
+    return modules
+
+
+def make_input(case, device):
+    """The module input (a dense tensor or a PackedSequence) and the leaf tensor that gets the gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(case.T, case.B, case.I, generator=g).to(device=device, dtype=case.dtype)
+    if not case.packed:
+        return x.requires_grad_(case.training), x
+    packed = pack_padded_sequence(x, torch.tensor(case.lengths()), enforce_sorted=False)
+    data = packed.data.detach().requires_grad_(case.training)
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), data
+
+
+def _output_tensor(result):
+    output = result[0]
+    return output.data if isinstance(output, PackedSequence) else output
+
+
+def make_step(case, name, module, x, leaf):
+    """One timed call: inference under no_grad, or forward + backward of the output's sum."""
+
+    def run():
+        with torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name)):
+            if case.training:
+                module.zero_grad(set_to_none=True)
+                leaf.grad = None
+                _output_tensor(module(x)).sum().backward()
+            else:
+                with torch.no_grad():
+                    module(x)
+
+    return run
+
+
+def max_relative_difference(modules, x, leaf, case):
+    """Largest |difference| between each implementation's output (and, when training, input gradient) and
+    torch.nn's, over torch.nn's max |value|."""
+    answers = {}
+    for name, module in modules.items():
+        with torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name)), torch.set_grad_enabled(case.training):
+            output = _output_tensor(module(x))
+            values = [output.detach().float()]
+            if case.training:
+                values.append(torch.autograd.grad(output.square().sum(), leaf)[0].float())
+            answers[name] = values
+    worst = 0.0
+    for values in answers.values():
+        for value, reference in zip(values, answers["torch.nn"]):
+            scale = reference.abs().max().item() or 1.0
+            worst = max(worst, (value - reference).abs().max().item() / scale)
+    return worst
+
+
+def saved_bytes(step):
+    """Bytes of the distinct storages autograd saves for backward during one training call (CPU)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def peak_bytes(step, device):
+    """Peak CUDA memory allocated during one training call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps, device, repeats, warmup):
+    """Runs the steps A B C A B C ... so that drift and noise on a shared machine hit all of them alike."""
+    samples = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: Timing(statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def measure(case, device, repeats, warmup):
+    names = implementations(device)
+    result = Result(case, device)
+    modules = make_modules(case, device, names)
+    x, leaf = make_input(case, device)
+    if "gatedrnn" in modules:
+        result.max_rel_diff = max_relative_difference(modules, x, leaf, case)
+        if not result.max_rel_diff <= TOLERANCE[case.dtype]:
+            result.error = (f"gatedrnn and torch.nn disagree: max |diff| / max |output| = {result.max_rel_diff:.3g} "
+                            f"> {TOLERANCE[case.dtype]:g}; not timed")
+            return result
+    steps = {name: make_step(case, name, module, x, leaf) for name, module in modules.items()}
+    if case.training:
+        for name, step in steps.items():
+            result.memory_bytes[name] = peak_bytes(step, device) if device == "cuda" else saved_bytes(step)
+    result.timings = time_interleaved(steps, device, repeats, warmup)
+    return result
+
+
+def gemm_roofline_gflops(device, dtype, repeats=7):
+    """What this device's GEMM achieves, measured in the same run: the reference for 'fraction of roofline'.
+    The best of several large square products, since a roofline is a ceiling."""
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9

@@ -1,0 +1,158 @@
+"""The report of a benchmark run: terminal tables, JSON and a PNG chart in benchmarks/results/."""
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import re
+import subprocess
+
+import torch
+
+import gatedrnn
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def commit():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _mb(nbytes):
+    return f"{nbytes / 2**20:.1f}" if nbytes is not None else "-"
+
+
+def table(results, roofline):
+    """One row per case: median (min) ms per implementation, speed-up, us per step, GFLOP/s, % of roofline,
+    memory when training (saved activations on CPU, peak allocation on CUDA)."""
+    if not results:
+        return ""
+    names = list(next((r.timings for r in results if r.timings), {"gatedrnn": 0, "torch.nn": 0}))
+    head = f"{'case':<52}" + "".join(f"{name + ' ms':>22}" for name in names)
+    head += f"{'speed-up':>9}{'us/step':>9}{'GFLOP/s':>9}{'roofline':>9}{'mem MB nn/ours':>16}"
+    lines = [head]
+    for r in results:
+        row = f"{r.case.label():<52}"
+        if r.error:
+            lines.append(row + "  " + r.error)
+            continue
+        for name in names:
+            t = r.timings.get(name)
+            row += f"{t.median_ms:>12.2f} ({t.min_ms:>7.2f})" if t else f"{'-':>22}"
+        ours = r.timings.get("gatedrnn")
+        speedup = r.speedup()
+        row += f"{speedup:>8.2f}x" if speedup else f"{'-':>9}"
+        if ours:
+            gflops = r.case.gemm_flops() / (ours.median_ms * 1e-3) / 1e9
+            row += f"{ours.median_ms * 1e3 / r.case.T:>9.1f}{gflops:>9.1f}{gflops / roofline[r.case.dtype]:>8.0%} "
+        else:
+            row += f"{'-':>9}{'-':>9}{'-':>9}"
+        if r.memory_bytes:
+            row += f"{_mb(r.memory_bytes.get('torch.nn')) + '/' + _mb(r.memory_bytes.get('gatedrnn')):>16}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _case_dict(case):
+    d = dataclasses.asdict(case)
+    d["dtype"] = str(case.dtype).replace("torch.", "")
+    d["label"] = case.label()
+    d["gemm_flops"] = case.gemm_flops()
+    return d
+
+
+def to_json(runs, args):
+    """runs: {device: (results, roofline)}."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "gatedrnn": gatedrnn.backend_info(),
+        "command": args,
+        "devices": {
+            device: {
+                "name": device_name(device),
+                "gemm_roofline_gflops": {str(k).replace("torch.", ""): v for k, v in roofline.items()},
+                "results": [
+                    {
+                        "case": _case_dict(r.case),
+                        "timings_ms": {k: dataclasses.asdict(v) for k, v in r.timings.items()},
+                        "speedup": r.speedup(),
+                        "memory_bytes": r.memory_bytes,
+                        "max_rel_diff": r.max_rel_diff,
+                        "error": r.error,
+                    }
+                    for r in results
+                ],
+            }
+            for device, (results, roofline) in runs.items()
+        },
+    }
+
+
+def output_stem(runs):
+    date = datetime.datetime.now().strftime("%Y-%m-%d_%H%M")
+    devices = "+".join(re.sub(r"[^A-Za-z0-9]+", "-", device_name(d).split(",")[0]).strip("-") for d in runs)
+    return f"{date}_{devices}_torch{torch.__version__.split('+')[0]}_{commit()}"
+
+
+def write_json(data, stem):
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{stem}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def write_chart(runs, stem):
+    """A horizontal bar chart of gatedrnn's speed-up over torch.nn per case, one panel per device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(device, [r for r in results if r.speedup()]) for device, (results, _) in runs.items()]
+    panels = [(device, results) for device, results in panels if results]
+    if not panels:
+        return None
+    height = sum(max(2, 0.32 * len(results) + 1) for _, results in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, height), squeeze=False)
+    for ax, (device, results) in zip(axes[:, 0], panels):
+        labels = [r.case.label() for r in results]
+        speedups = [r.speedup() for r in results]
+        colors = ["#2a7" if s >= 1 else "#c54" for s in speedups]
+        ax.barh(range(len(results)), speedups, color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(results)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speed-up over torch.nn (median time ratio; >1 is faster)")
+        ax.set_title(f"gatedrnn vs torch.nn on {device_name(device)}", fontsize=9)
+        for k, s in enumerate(speedups):
+            ax.text(s, k, f" {s:.2f}x", va="center", fontsize=7)
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

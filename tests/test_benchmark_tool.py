@@ -1,0 +1,55 @@
+"""The benchmark tool itself (python -m benchmarks): it runs, reports disagreement instead of timing it, and
+writes its JSON and chart. Speed is never asserted here; that is the benchmark's job, not a unit test's."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import measure, report
+from benchmarks.cases import Case, standard_cases
+
+
+def test_standard_cases_cover_the_issue():
+    cases = standard_cases("cpu")
+    labels = {c.label() for c in cases}
+    for mode in ("LSTM", "GRU"):
+        for kind in ("infer", "train"):
+            for shape in ("T=100 B=64 I=512 H=512", "T=50 B=1 I=128 H=128", "T=100 B=64 I=256 H=256",
+                          "T=200 B=32 I=128 H=256"):
+                assert f"{mode} {kind} {shape}" in labels
+    assert any(c.layers == 2 and c.bidirectional for c in cases)
+    packed = [c for c in cases if c.packed]
+    assert packed and all(30 <= n <= 100 for n in packed[0].lengths())
+    assert not any(c.H == 1024 for c in cases)
+    assert any(c.H == 1024 for c in standard_cases("cpu", full=True))
+    assert {c.dtype for c in standard_cases("cuda")} == {torch.float32, torch.bfloat16, torch.float16}
+
+
+def test_gemm_flops():
+    case = Case("LSTM", 10, 2, 3, 4, training=False)
+    assert case.gemm_flops() == 2 * 20 * 16 * (3 + 4)
+    assert Case("GRU", 10, 2, 3, 4, training=True).gemm_flops() == 3 * 2 * 20 * 12 * (3 + 4)
+
+
+def test_run_prints_a_table_and_writes_json_and_chart(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    assert cli.main(["--filter", "T=50 B=1", "--repeats", "1", "--devices", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "LSTM train T=50 B=1 I=128 H=128" in out and "GRU infer T=50 B=1 I=128 H=128" in out
+    written = sorted(p.suffix for p in tmp_path.iterdir())
+    assert written == [".json", ".png"]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    results = data["devices"]["cpu"]["results"]
+    assert len(results) == 4 and all(r["speedup"] > 0 and not r["error"] for r in results)
+    assert data["torch"] == torch.__version__ and data["commit"]
+    trained = [r for r in results if r["case"]["training"]]
+    assert all(r["memory_bytes"]["gatedrnn"] > 0 and r["memory_bytes"]["torch.nn"] > 0 for r in trained)
+
+
+def test_disagreement_is_reported_not_timed(monkeypatch):
+    monkeypatch.setitem(measure.TOLERANCE, torch.float32, -1.0)
+    result = measure.measure(Case("GRU", 5, 2, 3, 4, training=True), "cpu", repeats=1, warmup=0)
+    assert "disagree" in result.error and not result.timings
+    assert "not timed" in report.table([result], {torch.float32: 1.0})
