@@ -183,3 +183,27 @@ def test_nan_propagates_like_torch_nn(mode):
     x[2, 1, 0] = float("nan")
     expected, actual = reference(x)[0], ours(x)[0]
     assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("mode,proj", [("LSTM", 0), ("LSTM", 48), ("GRU", 0)])
+@pytest.mark.parametrize("packed", [None, "unsorted"])
+def test_wider_multithreaded_matches_torch_nn(mode, proj, packed):
+    """Wider than the grid (H=96, B=24, 4 threads on any machine), two bidirectional layers, and packed so
+    that rows join and leave mid-sequence."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        kwargs = dict(num_layers=2, bidirectional=True, **({"proj_size": proj} if proj else {}))
+        reference, ours = twins(mode, 16, 96, **kwargs)
+        lengths = [9, 3, 7, 1, 9, 5] * 4
+        results = []
+        for module in (reference, ours):
+            x, leaf = make_input(9, 24, 16, packed=packed, lengths=lengths if packed else None)
+            out, states = flat_outputs(module(x))
+            grads = torch.autograd.grad(weighted_sum([out] + states), [leaf] + list(module.parameters()))
+            results.append(([out] + states, grads))
+        (expected, expected_grads), (actual, actual_grads) = results
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(actual_grads, expected_grads, atol=1e-12, rtol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
