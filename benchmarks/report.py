@@ -127,8 +127,11 @@ def write_json(data, stem):
 
 def write_chart(runs, stem):
     """A horizontal bar chart of gatedrnn's speed-up over torch.nn per case, one panel per device."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart written (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
