@@ -37,9 +37,11 @@ GATEDRNN_HD To bit_cast(From from) {
   return to;
 }
 
-GATEDRNN_HD float cpu_exp(float x) {
-  // Keep 2^n a normal float: e^88.3 < FLT_MAX and e^-87.3 > FLT_MIN. A NaN fails both comparisons.
-  x = x > 88.3f ? 88.3f : x;
+GATEDRNN_HD float cpu_exp(float in) {
+  // Compute on a clamped argument that keeps 2^n a normal float (e^88.3 < FLT_MAX, e^-87.3 > FLT_MIN), then
+  // overflow to inf and underflow to 0 where expf does: sigmoid(-inf) must be exactly 0, as in torch, so
+  // that 0 * inf gives NaN in the GRU's r * (W_hn h) as it does there. A NaN fails every comparison.
+  float x = in > 88.3f ? 88.3f : in;
   x = x < -87.3f ? -87.3f : x;
   // n = round(x / ln2), read from the low mantissa bits of t (no float->int conversion, so a NaN is no UB).
   const float shifter = 12582912.0f;  // 1.5 * 2^23
@@ -52,7 +54,9 @@ GATEDRNN_HD float cpu_exp(float x) {
   const float p =
       1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 +
                                           r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  return p * bit_cast<float>((n_int + 127) << 23);
+  const float result = p * bit_cast<float>((n_int + 127) << 23);
+  const float overflowed = in > 88.7228394f ? INFINITY : result;
+  return in < -103.972084f ? 0.0f : overflowed;
 }
 
 GATEDRNN_HD float cpu_tanh(float x) {

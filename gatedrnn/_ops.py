@@ -183,12 +183,17 @@ def _devices_with_kernels():
 _KERNEL_DEVICES = _devices_with_kernels()
 
 
-def _check_device(input):
+def _check_devices(input, **tensors):
     if input.device.type not in _KERNEL_DEVICES:
         raise NotImplementedError(
             f"gatedrnn has no fused kernels for {input.device.type} tensors in this build "
             f"(it has: {', '.join(sorted(_KERNEL_DEVICES - {'meta'}))}; see gatedrnn.backend_info()). "
             "gatedrnn does not fall back to another implementation.")
+    # The kernels check this too, but a meta tensor among CPU ones would reach the shape-only fake kernel.
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"gatedrnn: expected {name} on {input.device} (the input's device), "
+                               f"but it is on {t.device}")
 
 
 def _needs_saving(*tensors):
@@ -197,7 +202,8 @@ def _needs_saving(*tensors):
 
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
     """One LSTM layer and direction. Returns (output, hy, cy)."""
-    _check_device(input)
+    _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
+                   bias_hh=bias_hh, weight_hr=weight_hr)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     output, hy, cy, _, _ = _ops.lstm_forward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                                              weight_hr, reverse, save)
@@ -206,7 +212,7 @@ def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_h
 
 def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
     """One GRU layer and direction. Returns (output, hy)."""
-    _check_device(input)
+    _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     output, hy, _ = _ops.gru_forward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save)
     return output, hy

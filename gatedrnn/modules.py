@@ -124,7 +124,11 @@ class _RNNBase(nn.Module):
 
     # ----------------------------------------------------------------------------- torch.nn's checks
     def check_input(self, input, batch_sizes):
-        weight_dtype = self.weight_ih_l0.dtype
+        weight = self.weight_ih_l0
+        if input.device != weight.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {weight.device}")
+        weight_dtype = weight.dtype
         if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
                              f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})")
@@ -148,6 +152,13 @@ class _RNNBase(nn.Module):
     def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    @staticmethod
+    def _check_hidden_device(input, hidden):
+        for hx in hidden:
+            if hx.device != input.device:
+                raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{input.device} and hidden tensor at {hx.device}")
 
     def _zero_state(self, input, batch, size):
         directions = 2 if self.bidirectional else 1
@@ -203,6 +214,7 @@ class LSTM(_RNNBase):
 
     def check_forward_args(self, input, hidden, batch_sizes):
         self.check_input(input, batch_sizes)
+        self._check_hidden_device(input, hidden)
         self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
                                "Expected hidden[0] size {}, got {}")
         self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
@@ -247,6 +259,7 @@ class GRU(_RNNBase):
 
     def check_forward_args(self, input, hidden, batch_sizes):
         self.check_input(input, batch_sizes)
+        self._check_hidden_device(input, (hidden,))
         self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
 
     def forward(self, input, hx=None):
