@@ -10,6 +10,7 @@ Environment:
                           on our GPU-less build machines)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default 8.0;8.6;9.0+PTX: without a visible GPU torch cannot guess)
   GATEDRNN_DEBUG=1        -O0 -g
+  GATEDRNN_SANITIZE=1     AddressSanitizer + UndefinedBehaviorSanitizer, every report fatal (see .ci/sanitize)
 """
 import glob
 import os
@@ -65,6 +66,11 @@ def main():
     # torch chooses the C++ standard (C++20). -fno-trapping-math and -fno-math-errno (as torch itself is
     # built) let GCC vectorise the fused CPU loops, whose selects it otherwise will not if-convert.
     cxx_flags = opt + ["-Wall", "-Wno-unused-parameter", "-fno-trapping-math", "-fno-math-errno"]
+    link_flags = []
+    if os.environ.get("GATEDRNN_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx_flags = ["-O1", "-g"] + sanitize + cxx_flags[2:]
+        link_flags += sanitize
     sources = ["csrc/gatedrnn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = []
 
@@ -75,10 +81,10 @@ def main():
         nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         # Fail the build when a kernel spills registers or uses local memory (checked statically by ptxas).
         nvcc_flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror", "--expt-relaxed-constexpr"]
-        ext = CUDAExtension("gatedrnn._C", sources, define_macros=define_macros,
+        ext = CUDAExtension("gatedrnn._C", sources, define_macros=define_macros, extra_link_args=link_flags,
                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
     else:
-        ext = CppExtension("gatedrnn._C", sources, define_macros=define_macros,
+        ext = CppExtension("gatedrnn._C", sources, define_macros=define_macros, extra_link_args=link_flags,
                            extra_compile_args={"cxx": cxx_flags})
 
     # Name, version and packages live in pyproject.toml.
