@@ -174,7 +174,7 @@ class _RNNBase(nn.Module):
         return input, None, None, None, input.dim() == 3
 
     def _run(self, input, batch_sizes, states):
-        """Checks the input like torch.nn and runs the layers. `input` is batch-first when batch_first."""
+        """Runs the layers on checked input (batch-first when batch_first) and returns (output, final states)."""
         if batch_sizes is None and self.batch_first:
             input = input.transpose(0, 1)
         kwargs = dict(bias=self.bias, num_layers=self.num_layers, bidirectional=self.bidirectional,

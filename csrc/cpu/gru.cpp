@@ -1,9 +1,11 @@
 // GRU on the CPU: one layer and direction over the whole sequence.
 //
-// Forward: the input projection (with b_ih) of every step is one GEMM before the loop; each step is one
-// GEMM for all three gates (h_{t-1} @ W_hh^T + b_hh, kept apart from the input side because n needs
-// r * (W_hn h + b_hn)) and one fused parallel pass. Backward: per step one fused pass and one GEMM for
-// dh_{t-1}; weight, bias and input gradients are single GEMMs/reductions after the loop.
+// Forward: the input projection of every step is one GEMM before the loop; each step is one GEMM for all
+// three gates (h_{t-1} @ W_hh^T) and one fused parallel pass that adds the biases (b_hh's n part on the
+// recurrent side, since n needs r * (W_hn h + b_hn)), applies the activations, updates h and, when
+// training, overwrites the projection in place with what backward needs. Backward: per step one fused pass
+// and one GEMM for dh_{t-1}; weight, bias and input gradients are single GEMMs/reductions after the loop.
+// Nothing is allocated inside a loop.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

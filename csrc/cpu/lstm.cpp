@@ -1,8 +1,8 @@
 // LSTM on the CPU: one layer and direction over the whole sequence.
 //
 // Forward: the input projection of every step is one GEMM before the loop; each step is one GEMM for
-// all four gates (h_{t-1} @ W_hh^T), one fused parallel pass (activations, cell update, hidden value,
-// saved activations), and with proj_size one more GEMM (h_t @ W_hr^T). Backward mirrors it and leaves
+// all four gates (h_{t-1} @ W_hh^T), one fused parallel pass (biases, activations, cell update, hidden
+// value, saved activations), and with proj_size one more GEMM (h_t @ W_hr^T). Backward mirrors it and leaves
 // every weight and input gradient to single GEMMs after the loop. Nothing is allocated inside a loop.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -287,8 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
   const bool proj = w_hr.has_value();
   auto d_proj = proj ? scratch_tensor(Scratch::Projection, {s.rows, s.state}, input.options()) : Tensor();
-  auto hidden_pre_proj =
-      proj ? scratch_tensor(Scratch::PreProjection, {s.rows, s.hidden}, input.options()) : Tensor();
+  auto hidden_pre_proj = proj ? scratch_tensor(Scratch::PreProjection, {s.rows, s.hidden}, input.options()) : Tensor();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_backward_cpu", [&] {
