@@ -200,13 +200,37 @@ def _needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _autocast_dtype(input, always):
+    """The dtype autocast runs a layer in, or None to run it as it is. torch.nn's policy: on CUDA its RNNs run
+    in the autocast dtype; on the CPU its LSTM does, and its GRU keeps float32 input in float32 (`always`
+    is False for the CPU GRU: only an input already in lower precision makes it cast)."""
+    device = input.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    if not always and device == "cpu" and input.dtype == torch.float32:
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _call_without_autocast(op, input, tensors, dtype, *flags):
+    """Calls op(*tensors, *flags), the tensors cast to `dtype` when given, with autocast off inside (the
+    kernels' own float32 GEMMs must stay float32)."""
+    if dtype is not None:
+        tensors = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    if not torch.is_autocast_enabled(input.device.type):
+        return op(*tensors, *flags)
+    with torch.autocast(input.device.type, enabled=False):
+        return op(*tensors, *flags)
+
+
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
     """One LSTM layer and direction. Returns (output, hy, cy)."""
     _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                    bias_hh=bias_hh, weight_hr=weight_hr)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    output, hy, cy, _, _ = _ops.lstm_forward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                             weight_hr, reverse, save)
+    tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
+    output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors,
+                                                  _autocast_dtype(input, always=True), reverse, save)
     return output, hy, cy
 
 
@@ -214,5 +238,7 @@ def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, re
     """One GRU layer and direction. Returns (output, hy)."""
     _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-    output, hy, _ = _ops.gru_forward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save)
+    tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
+    output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, _autocast_dtype(input, always=False),
+                                           reverse, save)
     return output, hy
