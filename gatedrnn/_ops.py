@@ -200,12 +200,15 @@ def _needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def _autocast_dtype(input, always):
     """The dtype autocast runs a layer in, or None to run it as it is. torch.nn's policy: on CUDA its RNNs run
     in the autocast dtype; on the CPU its LSTM does, and its GRU keeps float32 input in float32 (`always`
     is False for the CPU GRU: only an input already in lower precision makes it cast)."""
     device = input.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return None
     if not always and device == "cpu" and input.dtype == torch.float32:
         return None
@@ -217,9 +220,10 @@ def _call_without_autocast(op, input, tensors, dtype, *flags):
     kernels' own float32 GEMMs must stay float32)."""
     if dtype is not None:
         tensors = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    if not torch.is_autocast_enabled(input.device.type):
+    device = input.device.type
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return op(*tensors, *flags)
-    with torch.autocast(input.device.type, enabled=False):
+    with torch.autocast(device, enabled=False):
         return op(*tensors, *flags)
 
 
