@@ -156,3 +156,12 @@ def test_gradcheck_inputs_and_parameters(mode):
         return tuple(torch.utils._pytree.tree_leaves(result))
 
     assert torch.autograd.gradcheck(run, (x, h, c, *weights))
+
+
+def test_bias_gradients_do_not_alias():
+    """Both LSTM biases get the same gradient value from one backward tensor: their .grad must still be two
+    tensors, or an in-place change to one (clipping, an optimizer) would change the other."""
+    module = gatedrnn.LSTM(3, 4)
+    module(torch.randn(5, 2, 3))[0].sum().backward()
+    assert module.bias_ih_l0.grad.data_ptr() != module.bias_hh_l0.grad.data_ptr()
+    torch.testing.assert_close(module.bias_ih_l0.grad, module.bias_hh_l0.grad)
