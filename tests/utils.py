@@ -1,6 +1,4 @@
 """Shared test helpers: device list, twin torch.nn/gatedrnn modules, inputs, and comparisons."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -68,10 +66,3 @@ def weighted_sum(tensors, seed=2):
         total = total + (t * w).sum()
     return total
 
-
-def assert_close(actual, expected, atol, rtol, what=""):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
-def clone_module(m):
-    return copy.deepcopy(m)
