@@ -128,19 +128,25 @@ def test_matches_reference(mode):
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_bfloat16_against_float64(mode):
-    """bfloat16 storage, float32 compute: within bfloat16's resolution of the float64 answer, and no
-    further from it than torch.nn's own bfloat16 path."""
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])
+def test_half_precision_against_float64(mode, dtype, bound):
+    """bfloat16/float16 storage, float32 compute: within the storage type's resolution of the float64 answer
+    (outputs and gradients), and no further from it than torch.nn's own path in that dtype."""
     reference, ours = twins(mode, 16, 16, num_layers=2, dtype=torch.float64)
     x = torch.randn(20, 4, 16, dtype=torch.float64)
     exact, _ = reference(x)
-    ours_bf16 = ours.to(torch.bfloat16)
-    out, _ = ours_bf16(x.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16
+    exact_grad = torch.autograd.grad(reference(x)[0].sum(), reference.weight_hh_l1)[0]
+    ours_low = ours.to(dtype)
+    out, _ = ours_low(x.to(dtype))
+    assert out.dtype == dtype
+    grad = torch.autograd.grad(out.float().sum(), ours_low.weight_hh_l1)[0]
+    assert grad.dtype == dtype
     error = (out.double() - exact).abs().max().item()
-    torch_error = (reference.to(torch.bfloat16)(x.to(torch.bfloat16))[0].double() - exact).abs().max().item()
-    assert error < 3e-2, error
-    assert error <= max(2 * torch_error, 1e-2), (error, torch_error)
+    torch_error = (reference.to(dtype)(x.to(dtype))[0].double() - exact).abs().max().item()
+    assert error < bound, error
+    assert error <= max(2 * torch_error, bound / 3), (error, torch_error)
+    grad_error = (grad.double() - exact_grad).abs().max().item() / exact_grad.abs().max().item()
+    assert grad_error < 2 * bound, grad_error
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
