@@ -4,6 +4,8 @@ The ops are defined in csrc/gatedrnn.cpp. Each forward op covers one layer and d
 sequence; `register_autograd` routes its backward to our own backward op, so autograd never sees the
 per-step math. The functions at the bottom are what gatedrnn.functional calls.
 """
+import warnings
+
 import torch
 
 from . import _extension  # noqa: F401  (loads the library that defines torch.ops.gatedrnn)
@@ -88,6 +90,25 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _differentiable_backward(reference_layer, inputs, reverse, grad_outputs, extra_inputs):
+    """The backward of one layer as a differentiable computation, for create_graph=True (gradient penalties,
+    double backward): the layer is recomputed with gatedrnn.reference and differentiated by autograd. The
+    fused backward kernels compute first-order gradients only, so this path is slower, and says so."""
+    warnings.warn("gatedrnn: differentiating through a gatedrnn layer's gradient (create_graph=True) runs the "
+                  "layer's pure-PyTorch reference (gatedrnn.reference) for that backward, not the fused kernels; "
+                  "it is correct but much slower.", stacklevel=2)
+    with torch.enable_grad():
+        outputs = reference_layer(*inputs, reverse)
+    wanted = [k for k, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outputs, [inputs[k] for k in wanted],
+                                [_zeros_if_none(g, o) for g, o in zip(grad_outputs, outputs)],
+                                create_graph=True, allow_unused=True)
+    result = [None] * (len(inputs) + extra_inputs)  # + reverse, save_for_backward
+    for k, grad in zip(wanted, grads):
+        result[k] = grad
+    return tuple(result)
+
+
 def _lstm_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save = inputs
     out, _, _, gates, cells = output
@@ -99,14 +120,21 @@ def _lstm_setup_context(ctx, inputs, output):
     # Undefined output gradients stay None: materialising zeros for the saved activations costs a pass
     # over N x 5H for nothing.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells)
+    ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates,
+                          cells)
 
 
 def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
     if not ctx.saved_forward:
         raise RuntimeError("gatedrnn: lstm_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
-    input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells = ctx.saved_tensors
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates, cells = \
+        ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
+        from .reference import lstm_layer
+        return _differentiable_backward(
+            lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
+            (grad_output, grad_hy, grad_cy), extra_inputs=2)
     needs = ctx.needs_input_grad
     want_input, want_weights = needs[0], needs[4] or needs[5] or needs[8]
     want_bias = ctx.has_bias and (needs[6] or needs[7])
@@ -132,14 +160,20 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.saved_forward = save
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # see _lstm_setup_context
-    ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, out, saved)
+    ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved)
 
 
 def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
     if not ctx.saved_forward:
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
-    input, batch_sizes, hx, weight_ih, weight_hh, out, saved = ctx.saved_tensors
+    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
+        from .reference import gru_layer
+        return _differentiable_backward(
+            lambda *args: gru_layer(*args[:-1], None, args[-1]),
+            [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse, (grad_output, grad_hy),
+            extra_inputs=2)
     needs = ctx.needs_input_grad
     want_input, want_weights = needs[0], needs[3] or needs[4]
     want_bias = ctx.has_bias and (needs[5] or needs[6])
@@ -156,17 +190,17 @@ torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_co
 
 def _double_backward_unsupported(ctx, *grads):
     raise RuntimeError(
-        "gatedrnn: double backward (differentiating a gradient of a gatedrnn LSTM/GRU layer, e.g. a gradient "
-        "penalty) is not supported yet. First-order gradients with create_graph=True are fine; the second "
-        "differentiation is what is refused.")
+        "gatedrnn: the backward ops (torch.ops.gatedrnn.*_backward) are not differentiable. Differentiating a "
+        "gatedrnn layer's gradient works through the layers (gatedrnn.LSTM/GRU, gatedrnn._ops.*_layer), which "
+        "switch to a differentiable path when create_graph=True.")
 
 
 def _no_context(ctx, inputs, output):
     pass
 
 
-# The backward ops are differentiable in name only: this lets autograd.grad(create_graph=True) work and makes
-# a second differentiation fail with a clear message rather than deep inside a kernel.
+# The backward ops are differentiable in name only: called directly under grad mode they would otherwise fail
+# deep inside a kernel; this makes a second differentiation through them fail with a clear message instead.
 torch.library.register_autograd("gatedrnn::lstm_backward", _double_backward_unsupported, setup_context=_no_context)
 torch.library.register_autograd("gatedrnn::gru_backward", _double_backward_unsupported, setup_context=_no_context)
 

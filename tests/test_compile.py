@@ -66,3 +66,30 @@ def test_compiled_graph_calls_gatedrnn_ops():
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
     assert any("gatedrnn.gru_forward" in t for t in targets), targets
     assert not any("aten.gru" in t or "_VF" in t for t in targets), targets
+
+
+def test_compiled_training_uses_fused_backward():
+    """AOTAutograd traces our backward op into the backward graph (not the differentiable reference path that
+    only create_graph=True takes)."""
+    import warnings
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    model = gatedrnn.LSTM(4, 6, num_layers=2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def compiler(graph, inputs):
+            graphs.append(graph)
+            return make_boxed_func(graph.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the reference path would warn
+        out, _ = torch.compile(model, backend=backend, fullgraph=True)(torch.randn(3, 2, 4, requires_grad=True))
+        out.sum().backward()
+    targets = [[str(n.target) for n in g.graph.nodes if n.op == "call_function"] for g in graphs]
+    assert sum(t.count("gatedrnn.lstm_forward.default") for t in targets) == 2, targets
+    assert sum(t.count("gatedrnn.lstm_backward.default") for t in targets) == 2, targets

@@ -1,4 +1,6 @@
 """The compiled ops themselves: gradcheck in float64, opcheck, and the reference layer functions."""
+import contextlib
+
 import pytest
 import torch
 
@@ -210,15 +212,47 @@ def test_frozen_parts_get_no_gradient(mode):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_create_graph_then_double_backward_is_refused_clearly(mode):
-    module = getattr(gatedrnn, mode)(I, H).double()
-    x = torch.randn(5, 2, I, dtype=torch.float64, requires_grad=True)
-    expected = torch.autograd.grad(module(x)[0].sum(), x)[0]
-    grad = torch.autograd.grad(module(x)[0].sum(), x, create_graph=True)[0]
-    torch.testing.assert_close(grad, expected, atol=0, rtol=0)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported yet"):
-        torch.autograd.grad(grad.square().sum(), module.weight_hh_l0)
+@pytest.mark.parametrize("mode,kwargs,packed", [
+    ("LSTM", dict(num_layers=2, bidirectional=True), False),
+    ("LSTM", dict(proj_size=2), True),
+    ("GRU", dict(num_layers=2, bidirectional=True), True),
+    ("GRU", dict(bias=False), False),
+])
+def test_double_backward_matches_torch_nn(mode, kwargs, packed):
+    """A gradient penalty: the gradient (create_graph=True) and the gradient of its norm match torch.nn; the
+    differentiable path announces itself."""
+    from utils import make_input, twins
+
+    reference, ours = twins(mode, I, H, **kwargs)
+    results = []
+    for module in (reference, ours):
+        x, leaf = make_input(5, 3, I, packed="unsorted" if packed else None, lengths=[5, 2, 4] if packed else None)
+        out = module(x)[0]
+        out = out.data if packed else out
+        announced = pytest.warns(UserWarning, match="runs the layer's pure-PyTorch reference")
+        with announced if module is ours else contextlib.nullcontext():
+            grad = torch.autograd.grad(out.sin().sum(), leaf, create_graph=True)[0]
+            results.append([grad, *torch.autograd.grad(grad.square().sum(), [leaf] + list(module.parameters()))])
+    torch.testing.assert_close(results[1], results[0], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:gatedrnn. differentiating through")
+@pytest.mark.parametrize("config", [(False, True, True, True), (True, False, True, False)], ids=_id)
+def test_gradgradcheck(config):
+    packed, reverse, bias, proj = config
+    assert torch.autograd.gradgradcheck(lambda *a: _ops.lstm_layer(*a), lstm_args(packed, reverse, bias, proj))
+    assert torch.autograd.gradgradcheck(lambda *a: _ops.gru_layer(*a), gru_args(packed, reverse, bias))
+
+
+def test_raw_backward_op_is_not_differentiable():
+    args = lstm_args(False, False, True, False)
+    x, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = args
+    out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(*args, True)
+    grads = torch.ops.gatedrnn.lstm_backward(torch.ones_like(out), torch.zeros_like(hy), torch.zeros_like(cy), x,
+                                             batch_sizes, h, c, w_ih, w_hh, w_hr, out, gates, cells, reverse,
+                                             [True, True, True])
+    with pytest.raises(RuntimeError, match="backward ops .* are not differentiable"):
+        grads[0].sum().backward()
 
 
 def test_inference_scratch_reuse_across_calls_and_sizes():
