@@ -113,8 +113,6 @@ def _lstm_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save = inputs
     out, _, _, gates, cells = output
     ctx.reverse = reverse
-    ctx.has_bias = bias_ih is not None
-    ctx.has_proj = weight_hr is not None
     ctx.saved_forward = save
     ctx.mark_non_differentiable(gates, cells)
     # Undefined output gradients stay None: materialising zeros for the saved activations costs a pass
@@ -135,9 +133,9 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
         return _differentiable_backward(
             lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
             (grad_output, grad_hy, grad_cy), extra_inputs=2)
+    # An absent bias or projection never needs a gradient, so the mask also says which are present.
     needs = ctx.needs_input_grad
-    want_input, want_weights = needs[0], needs[4] or needs[5] or needs[8]
-    want_bias = ctx.has_bias and (needs[6] or needs[7])
+    want_input, want_weights, want_bias = needs[0], needs[4] or needs[5] or needs[8], needs[6] or needs[7]
     grads = _ops.lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
         batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
@@ -146,7 +144,7 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
     # Both biases enter the gates as a sum, so they get the same gradient.
     return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
-            d_w_hr if want_weights and ctx.has_proj else None, None, None)
+            d_w_hr if needs[8] else None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -156,7 +154,6 @@ def _gru_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save = inputs
     out, _, saved = output
     ctx.reverse = reverse
-    ctx.has_bias = bias_ih is not None
     ctx.saved_forward = save
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # see _lstm_setup_context
@@ -174,9 +171,8 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
             lambda *args: gru_layer(*args[:-1], None, args[-1]),
             [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse, (grad_output, grad_hy),
             extra_inputs=2)
-    needs = ctx.needs_input_grad
-    want_input, want_weights = needs[0], needs[3] or needs[4]
-    want_bias = ctx.has_bias and (needs[5] or needs[6])
+    needs = ctx.needs_input_grad  # an absent bias never needs a gradient
+    want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
         weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias])
@@ -234,7 +230,8 @@ def _needs_saving(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+def _autocast_enabled(device):
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
 def _autocast_dtype(input, always):
@@ -242,7 +239,7 @@ def _autocast_dtype(input, always):
     in the autocast dtype; on the CPU its LSTM does, and its GRU keeps float32 input in float32 (`always`
     is False for the CPU GRU: only an input already in lower precision makes it cast)."""
     device = input.device.type
-    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+    if not _autocast_enabled(device):
         return None
     if not always and device == "cpu" and input.dtype == torch.float32:
         return None
@@ -255,7 +252,7 @@ def _call_without_autocast(op, input, tensors, dtype, *flags):
     if dtype is not None:
         tensors = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
     device = input.device.type
-    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+    if not _autocast_enabled(device):
         return op(*tensors, *flags)
     with torch.autocast(device, enabled=False):
         return op(*tensors, *flags)
