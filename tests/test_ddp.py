@@ -55,6 +55,7 @@ def _worker(rank, world, init_file, result_file):
         _train(ddp, x[:, rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
         if rank == 0:
             torch.save(model.state_dict(), result_file)
+        dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 
