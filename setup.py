@@ -34,6 +34,26 @@ def find_cuda_root():
     return None
 
 
+def find_cuda_library_headers():
+    """The directory holding cublas_v2.h, cusparse.h and cusolverDn.h, which ATen/cuda/CUDAContext.h includes.
+    They are not in the nvcc toolkit at /usr/local/cuda but in the nvidia-* wheels torch depends on."""
+    roots = []
+    try:
+        import nvidia
+
+        roots = list(nvidia.__path__)
+    except ImportError:
+        pass
+    cuda_root = find_cuda_root()
+    candidates = [os.path.join(cuda_root, "include")] if cuda_root else []
+    for root in roots:
+        candidates += sorted(glob.glob(os.path.join(root, "*", "include")))
+    for directory in candidates:
+        if all(os.path.isfile(os.path.join(directory, h)) for h in ("cublas_v2.h", "cusparse.h", "cusolverDn.h")):
+            return directory
+    return None
+
+
 def want_cuda():
     forced = os.environ.get("GATEDRNN_CUDA")
     import torch  # noqa: F401  (only to read the build facts, before cpp_extension is imported)
@@ -81,6 +101,12 @@ def main():
         nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         # Fail the build when a kernel spills registers or uses local memory (checked statically by ptxas).
         nvcc_flags += ["-Xptxas=-warn-spills,-warn-lmem-usage,-Werror", "--expt-relaxed-constexpr"]
+        library_headers = find_cuda_library_headers()
+        if library_headers is None:
+            raise RuntimeError("CUDA build: cublas_v2.h/cusparse.h/cusolverDn.h not found in the CUDA root or the "
+                               "nvidia-* wheels; install a CUDA build of torch (pip install torch)")
+        # -isystem, after every -I: the toolkit's own headers keep precedence over the wheels' copies.
+        nvcc_flags += ["-isystem", library_headers]
         ext = CUDAExtension("gatedrnn._C", sources, define_macros=define_macros, extra_link_args=link_flags,
                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
     else:

@@ -2,6 +2,7 @@
 // does, but the ops are public (torch.ops.gatedrnn.*) and must never read out of bounds on bad input.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -101,6 +102,69 @@ inline LayerShape check_layer_args(const char* op, int64_t gates, const at::Tens
     check_shape(op, *b_ih, {gates * s.hidden}, "bias_ih");
     check_shape(op, *b_hh, {gates * s.hidden}, "bias_hh");
   }
+  return s;
+}
+
+// A tensor the op reads or writes besides the weights: it must be on the input's device (a kernel would
+// otherwise read another device's memory) and have the expected number of elements.
+inline void check_device_and_numel(const char* op, const at::Tensor& input, const at::Tensor& t, int64_t numel,
+                                   const char* name) {
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " to be on ", input.device(),
+              " (the device of input), but got ", t.device());
+  TORCH_CHECK(t.numel() == numel, op, ": expected ", name, " to have ", numel, " elements, but got ", t.numel());
+}
+
+// Saved activations are kept in the op-math dtype: float32 for half/bfloat16 storage, else the input's dtype.
+inline void check_saved(const char* op, const at::Tensor& input, const at::Tensor& saved, int64_t numel,
+                        const char* name) {
+  TORCH_CHECK(saved.device() == input.device() && saved.numel() == numel &&
+                  saved.scalar_type() == at::toOpMathType(input.scalar_type()),
+              op, ": saved activations (", name,
+              ") are missing or have the wrong size, dtype or device; was the forward called with "
+              "save_for_backward=True?");
+}
+
+inline LayerShape check_lstm_forward_args(const char* op, const at::Tensor& input,
+                                          const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
+                                          const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                          const std::optional<at::Tensor>& w_hr) {
+  const LayerShape s = check_layer_args(op, 4, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr);
+  check_same_dtype_device(op, input, cx, "cx");
+  check_shape(op, cx, {s.batch, s.hidden}, "cx");
+  return s;
+}
+
+inline LayerShape check_lstm_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                           const at::Tensor& grad_cy, const at::Tensor& input,
+                                           const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
+                                           const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                           const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
+                                           const at::Tensor& gates, const at::Tensor& cells) {
+  const LayerShape s = check_lstm_forward_args(op, input, batch_sizes, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt,
+                                               w_hr);
+  check_device_and_numel(op, input, grad_output, s.rows * s.state, "grad_output");
+  check_device_and_numel(op, input, output, s.rows * s.state, "output");
+  check_device_and_numel(op, input, grad_hy, s.batch * s.state, "grad_hy");
+  check_shape(op, grad_hy, {s.batch, s.state}, "grad_hy");
+  check_device_and_numel(op, input, grad_cy, s.batch * s.hidden, "grad_cy");
+  check_shape(op, grad_cy, {s.batch, s.hidden}, "grad_cy");
+  check_saved(op, input, gates, s.rows * 4 * s.hidden, "gates");
+  check_saved(op, input, cells, s.rows * s.hidden, "cells");
+  return s;
+}
+
+inline LayerShape check_gru_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                          const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                                          const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const at::Tensor& output, const at::Tensor& saved) {
+  const LayerShape s =
+      check_layer_args(op, 3, input, batch_sizes, hx, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
+  check_device_and_numel(op, input, grad_output, s.rows * s.hidden, "grad_output");
+  check_device_and_numel(op, input, output, s.rows * s.hidden, "output");
+  check_device_and_numel(op, input, grad_hy, s.batch * s.hidden, "grad_hy");
+  check_shape(op, grad_hy, {s.batch, s.hidden}, "grad_hy");
+  check_saved(op, input, saved, s.rows * 4 * s.hidden, "r, z, n, hn");
   return s;
 }
 

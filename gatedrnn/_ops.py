@@ -14,8 +14,8 @@ _ops = torch.ops.gatedrnn
 
 
 def _compute_dtype(dtype):
-    # Must agree with compute_dtype() in csrc/cpu/loops.h: saved activations are kept in float32 for
-    # half/bfloat16 storage.
+    # Must agree with the kernels (at::toOpMathType; check_saved() in csrc/checks.h): saved activations are
+    # kept in float32 for half/bfloat16 storage, on every device.
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 

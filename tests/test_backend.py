@@ -56,12 +56,21 @@ def test_backend_info():
     assert info["library"].endswith(".so") or info["library"].endswith(".pyd")
     if info["cuda_compiled"]:
         assert info["cuda_archs"] and info["cuda_runtime"] > 0
+        assert info["cuda"] is True  # a CUDA build registers a CUDA kernel for every op
     else:
         assert info["cuda"] is False and info["cuda_archs"] == ""
     # CUDA kernels are registered exactly when they are reported.
     registered = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn::{op}", "CUDA")
                      for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"))
     assert info["cuda"] == registered
+
+
+@pytest.mark.parametrize("op", ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward"])
+def test_every_op_has_a_cuda_kernel_in_a_cuda_build(op):
+    """Checked on the CPU: the dispatcher holds a CUDA kernel for each op of a CUDA build (and none
+    otherwise), so CUDA tensors never reach a missing or composite implementation."""
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn::{op}", "CUDA")
+    assert has_cuda == gatedrnn.backend_info()["cuda_compiled"]
 
 
 def test_device_without_kernels_is_refused_clearly(monkeypatch):

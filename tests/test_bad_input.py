@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gatedrnn
+from utils import DEVICES
 
 CONSTRUCTOR_CASES = [
     ("LSTM", (4, 3), dict(dropout=-0.1)),
@@ -153,6 +154,39 @@ def test_raw_lstm_op_checks_cell_state_and_projection():
         op(x, None, h, c, w_ih, w_hh, None, None, torch.randn(2, 3), False, False)
     out, hy, cy, _, _ = op(x, None, h, c, w_ih, w_hh, None, None, w_hr, False, False)
     assert out.shape == (5, 2, 2) and hy.shape == (2, 2) and cy.shape == (2, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_backward_ops_check_saved_activations_and_gradients(device):
+    """The backward ops validate what they read besides the forward's arguments: gradients and saved
+    activations of the right size, dtype and device (a kernel would otherwise read out of bounds)."""
+    x, h, c = torch.randn(5, 2, 3, device=device), torch.zeros(2, 4, device=device), torch.zeros(2, 4, device=device)
+    w_ih, w_hh = torch.randn(16, 3, device=device), torch.randn(16, 4, device=device)
+    out, hy, cy, gates, cells = torch.ops.gatedrnn.lstm_forward(x, None, h, c, w_ih, w_hh, None, None, None, False,
+                                                                True)
+    args = [torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy), x, None, h, c, w_ih, w_hh, None, out,
+            gates, cells, False, [True, True, True]]
+    cases = [(11, torch.empty(0, device=device), "saved activations \\(gates\\) are missing"),
+             (12, cells.double(), "saved activations \\(cells\\)"),
+             (0, torch.randn(5, 2, 3, device=device), "expected grad_output to have 40 elements"),
+             (1, torch.randn(2, 3, device=device), "expected grad_hy to have 8 elements"),
+             (0, torch.randn_like(out, device="cpu"), None), (12, cells.cpu(), None)]
+    for index, value, message in cases:
+        if message is None:  # a tensor on another device
+            if device == "cpu":
+                continue
+            message = "(expected grad_output to be on|saved activations \\(cells\\))"
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.gatedrnn.lstm_backward(*bad)
+    torch.ops.gatedrnn.lstm_backward(*args)  # the unmodified arguments pass
+
+    w_ih, w_hh = torch.randn(12, 3, device=device), torch.randn(12, 4, device=device)
+    out, hy, saved = torch.ops.gatedrnn.gru_forward(x, None, h, w_ih, w_hh, None, None, False, True)
+    with pytest.raises(RuntimeError, match="saved activations \\(r, z, n, hn\\)"):
+        torch.ops.gatedrnn.gru_backward(torch.randn_like(out), torch.randn_like(hy), x, None, h, w_ih, w_hh, out,
+                                        saved[:, :12], False, [True, True, True])
 
 
 def test_zero_batch_matches_torch_nn():

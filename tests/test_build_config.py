@@ -3,6 +3,8 @@ forced by GATEDRNN_CUDA, and the real CUDA root rather than the directory of a w
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,3 +49,17 @@ def test_installed_build_matches_the_decision(setup_module, monkeypatch):
     if "GATEDRNN_CUDA" in os.environ:
         pytest.skip("GATEDRNN_CUDA is set: the build may have been forced")
     assert gatedrnn.backend_info()["cuda_compiled"] == setup_module.want_cuda()[0]
+
+
+def test_cuda_kernels_use_no_stack_or_local_memory():
+    """The static resource check of .ci/kernel_resources.py on the installed build: every gatedrnn kernel is
+    present for every architecture, with no stack frame and no local memory (no register spills)."""
+    if not gatedrnn.backend_info()["cuda_compiled"]:
+        pytest.skip("gatedrnn was built without CUDA code")
+    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "kernel_resources.py")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no stack frames, no local memory, none missing" in result.stdout
+    for arch in ("sm_80", "sm_86", "sm_90"):
+        if arch[3:] in gatedrnn.backend_info()["cuda_archs"].replace(".", ""):
+            assert f"{arch} " in result.stdout, arch

@@ -81,11 +81,12 @@ def test_matches_torch_nn_float32(case, device):
     check_case(case, torch.float32, device, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_longer_wider_float32(mode):
+def test_longer_wider_float32(mode, device):
     """A realistic size: T=50, B=16, I=H=64, two bidirectional layers."""
-    reference, ours = twins(mode, 64, 64, num_layers=2, bidirectional=True, dtype=torch.float32)
-    x = torch.randn(50, 16, 64, requires_grad=True)
+    reference, ours = twins(mode, 64, 64, num_layers=2, bidirectional=True, dtype=torch.float32, device=device)
+    x = torch.randn(50, 16, 64, device=device, requires_grad=True)
     out_ref, _ = reference(x)
     out, _ = ours(x)
     torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-4)
@@ -127,22 +128,24 @@ def test_matches_reference(mode):
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])
-def test_half_precision_against_float64(mode, dtype, bound):
+def test_half_precision_against_float64(mode, dtype, bound, device):
     """bfloat16/float16 storage, float32 compute: within the storage type's resolution of the float64 answer
     (outputs and gradients), and no further from it than torch.nn's own path in that dtype."""
     reference, ours = twins(mode, 16, 16, num_layers=2, dtype=torch.float64)
     x = torch.randn(20, 4, 16, dtype=torch.float64)
     exact, _ = reference(x)
     exact_grad = torch.autograd.grad(reference(x)[0].sum(), reference.weight_hh_l1)[0]
-    ours_low = ours.to(dtype)
-    out, _ = ours_low(x.to(dtype))
+    ours_low = ours.to(device, dtype)
+    out, _ = ours_low(x.to(device, dtype))
     assert out.dtype == dtype
     grad = torch.autograd.grad(out.float().sum(), ours_low.weight_hh_l1)[0]
     assert grad.dtype == dtype
+    out, grad = out.cpu(), grad.cpu()
     error = (out.double() - exact).abs().max().item()
-    torch_error = (reference.to(dtype)(x.to(dtype))[0].double() - exact).abs().max().item()
+    torch_error = (reference.to(device, dtype)(x.to(device, dtype))[0].double().cpu() - exact).abs().max().item()
     assert error < bound, error
     assert error <= max(2 * torch_error, bound / 3), (error, torch_error)
     grad_error = (grad.double() - exact_grad).abs().max().item() / exact_grad.abs().max().item()

@@ -14,6 +14,7 @@
 
 #include "../cells.h"
 #include "../checks.h"
+#include "../layer_grads.h"
 #include "../sequence.h"
 #include "blas.h"
 #include "loops.h"
@@ -208,18 +209,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
     bool reverse, std::array<bool, 3> output_mask) {
-  const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
-      check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt, std::nullopt, std::nullopt);
+      check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
   const auto dtype = compute_dtype(input_.scalar_type());
-  check_shape(op, grad_hy_, {s.batch, s.hidden}, "grad_hy");
-  TORCH_CHECK(grad_output_.numel() == s.rows * s.hidden && output_.numel() == s.rows * s.hidden, op,
-              ": grad_output and output must have ", s.rows * s.hidden, " elements");
-  TORCH_CHECK(saved_.numel() == s.rows * kSaved * s.hidden && saved_.scalar_type() == dtype, op,
-              ": saved activations are missing or have the wrong size; was the forward called with "
-              "save_for_backward=True?");
-
   const int64_t H = s.hidden;
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
   const auto hx = to_compute(hx_, dtype);
@@ -234,33 +227,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh);
   });
 
-  // The input side's gradients are columns [0, 2H) (r, z) and [3H, 4H) (n) of d_gates.
-  const auto storage = input_.scalar_type();
   const auto x2d = input.view({s.rows, s.input_size});
-  const auto d_rz = d_gates.narrow(1, 0, 2 * H), d_n = d_gates.narrow(1, 3 * H, H);
-  const auto none = [&] { return at::empty({0}, input_.options()); };
-  Tensor grad_input = none(), grad_w_ih = none(), grad_w_hh = none(), grad_b_ih = none(), grad_b_hh = none();
-  if (want_input) {
-    grad_input = at::mm(d_rz, w_ih.narrow(0, 0, 2 * H));
-    grad_input.addmm_(d_n, w_ih.narrow(0, 2 * H, H));
-    grad_input = grad_input.view(input_.sizes()).to(storage);
-  }
-  if (want_weights) {
-    grad_w_ih = at::empty_like(w_ih);
-    auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
-    at::mm_out(grad_w_ih_rz, d_rz.t(), x2d);
-    at::mm_out(grad_w_ih_n, d_n.t(), x2d);
-    grad_w_ih = grad_w_ih.to(storage);
-    grad_w_hh = recurrent_weight_grad(d_gates.narrow(1, 0, kGates * H), output2d, hx, schedule,
-                                      !batch_sizes.has_value(), reverse)
-                    .to(storage);
-  }
-  if (want_bias) {
-    const auto sums = d_gates.sum(0);
-    grad_b_ih = at::cat({sums.narrow(0, 0, 2 * H), sums.narrow(0, 3 * H, H)}).to(storage);
-    grad_b_hh = sums.narrow(0, 0, kGates * H).to(storage);
-  }
-  return {grad_input, dh.to(storage), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input_.sizes(), input_.options()};
+  const auto g = gru_layer_grads(args, d_gates);
+  return {g.input, dh.to(input_.scalar_type()), g.w_ih, g.w_hh, g.b_ih, g.b_hh};
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <vector>
 
-#include "../sequence.h"
 
 namespace gatedrnn::cpu {
 
@@ -26,7 +25,6 @@ inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t, 
   return to_compute(*t, dtype);
 }
 
-inline at::Tensor rows_of(const at::Tensor& t, int64_t offset, int64_t rows) { return t.narrow(0, offset, rows); }
 
 // The fused per-step passes are written as loops over a contiguous span of hidden units of one batch row,
 // so that the compiler vectorises them (GATEDRNN_IVDEP: the row pointers never overlap; the build passes
@@ -126,35 +124,6 @@ inline void for_each_span(int64_t rows, int64_t hidden, const F& f) {
       ++b;
     }
   });
-}
-
-// The recurrent state each row saw on entry to its step, as one [N, R] matrix (packed sequences).
-inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, const at::Tensor& output2d,
-                                         const at::Tensor& h0) {
-  auto prev = at::empty_like(output2d);
-  for (const auto& s : schedule) {
-    if (s.prev_rows > 0) rows_of(prev, s.offset, s.prev_rows).copy_(rows_of(output2d, s.prev_offset, s.prev_rows));
-    if (s.rows > s.prev_rows) {
-      rows_of(prev, s.offset + s.prev_rows, s.rows - s.prev_rows).copy_(rows_of(h0, s.prev_rows, s.rows - s.prev_rows));
-    }
-  }
-  return prev;
-}
-
-// dW_hh = dG_hidden^T @ H_prev, H_prev[row] being the state the row saw on entry to its step: h0 for the
-// first step, the previous step's output after. Dense input needs no gathered copy of H_prev: its rows
-// are the output shifted by one step (B rows), and h0 for the first step.
-inline at::Tensor recurrent_weight_grad(const at::Tensor& d_hidden, const at::Tensor& output2d, const at::Tensor& h0,
-                                        const std::vector<Step>& schedule, bool dense, bool reverse) {
-  if (!dense) return at::mm(d_hidden.t(), gather_previous_states(schedule, output2d, h0));
-  const int64_t rows = output2d.size(0), batch = h0.size(0), later = rows - batch;
-  // Forward: rows [B, N) saw output rows [0, N - B). Reverse: rows [0, N - B) saw output rows [B, N).
-  const auto d_first = d_hidden.narrow(0, reverse ? later : 0, batch);
-  auto grad = at::mm(d_first.t(), h0);
-  if (later > 0) {
-    grad.addmm_(d_hidden.narrow(0, reverse ? 0 : batch, later).t(), output2d.narrow(0, reverse ? batch : 0, later));
-  }
-  return grad;
 }
 
 }  // namespace gatedrnn::cpu

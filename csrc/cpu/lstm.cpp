@@ -12,6 +12,7 @@
 
 #include "../cells.h"
 #include "../checks.h"
+#include "../layer_grads.h"
 #include "../sequence.h"
 #include "blas.h"
 #include "loops.h"
@@ -128,9 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
                                                                     const OptTensor& b_ih_, const OptTensor& b_hh_,
                                                                     const OptTensor& w_hr_, bool reverse, bool save) {
   constexpr const char* op = "gatedrnn::lstm_forward";
-  const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
-  check_same_dtype_device(op, input_, cx_, "cx");
-  check_shape(op, cx_, {s.batch, s.hidden}, "cx");
+  const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
 
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -258,21 +257,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
     std::array<bool, 3> output_mask) {
-  const auto [want_input, want_weights, want_bias] = output_mask;
   constexpr const char* op = "gatedrnn::lstm_backward";
-  const LayerShape s =
-      check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_);
+  const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
+                                                w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
   const auto dtype = compute_dtype(input_.scalar_type());
-  check_shape(op, cx_, {s.batch, s.hidden}, "cx");
-  check_shape(op, grad_hy_, {s.batch, s.state}, "grad_hy");
-  check_shape(op, grad_cy_, {s.batch, s.hidden}, "grad_cy");
-  TORCH_CHECK(grad_output_.numel() == s.rows * s.state && output_.numel() == s.rows * s.state, op,
-              ": grad_output and output must have ", s.rows * s.state, " elements");
-  TORCH_CHECK(gates_.numel() == s.rows * kGates * s.hidden && cells_.numel() == s.rows * s.hidden &&
-                  gates_.scalar_type() == dtype && cells_.scalar_type() == dtype,
-              op,
-              ": saved activations are missing or have the wrong size; was the forward called with "
-              "save_for_backward=True?");
 
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
   const auto w_hr = to_compute(w_hr_, dtype);
@@ -295,18 +283,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
                                  hidden_pre_proj);
   });
 
-  const auto storage = input_.scalar_type();
   const auto x2d = input.view({s.rows, s.input_size});
-  const auto none = [&] { return at::empty({0}, input_.options()); };
-  auto grad_input = want_input ? at::mm(d_gates, w_ih).view(input_.sizes()).to(storage) : none();
-  auto grad_w_ih = want_weights ? at::mm(d_gates.t(), x2d).to(storage) : none();
-  auto grad_w_hh =
-      want_weights
-          ? recurrent_weight_grad(d_gates, output2d, hx, schedule, !batch_sizes.has_value(), reverse).to(storage)
-          : none();
-  auto grad_bias = want_bias ? d_gates.sum(0).to(storage) : none();
-  auto grad_w_hr = proj && want_weights ? at::mm(d_proj.t(), hidden_pre_proj).to(storage) : none();
-  return {grad_input, dh.to(storage), dc.to(storage), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input_.sizes(), input_.options()};
+  const auto g = lstm_layer_grads(args, d_gates, d_proj, hidden_pre_proj);
+  const auto storage = input_.scalar_type();
+  return {g.input, dh.to(storage), dc.to(storage), g.w_ih, g.w_hh, g.bias, g.w_hr};
 }
 
 }  // namespace

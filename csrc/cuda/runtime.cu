@@ -1,6 +1,4 @@
-// The CUDA side of the build. The fused kernels arrive with the CUDA issue; until then this translation
-// unit proves the CUDA toolchain path of setup.py (nvcc, the arch list, linking cudart) on every build,
-// and lets backend_info() report the CUDA runtime the extension was linked against.
+// The CUDA runtime the extension was linked against, for gatedrnn.backend_info() (csrc/gatedrnn.cpp).
 #include <cuda_runtime_api.h>
 
 extern "C" int gatedrnn_cuda_runtime_version() {

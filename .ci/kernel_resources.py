@@ -1,0 +1,132 @@
+"""Static resource check of gatedrnn's compiled CUDA kernels, without a GPU.
+
+Reads the machine code in the built extension with cuobjdump (--dump-resource-usage) and, per kernel and
+architecture, reports registers, shared memory, stack and local memory. Fails (exit 1) when any gatedrnn
+kernel uses a stack frame or local memory (register spills; ptxas -warn-spills -Werror already fails the
+build for spills, this also catches local arrays), or when a kernel is missing for an architecture.
+
+    python .ci/kernel_resources.py [LIBRARY] [--markdown]
+
+LIBRARY defaults to the installed gatedrnn._C. --markdown prints the README's table. cuobjdump is not in
+/usr/local/cuda here; the triton wheel that comes with torch carries one (BUILD-NOTES.md).
+"""
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+KERNELS = ("lstm_forward_step", "lstm_backward_step", "gru_forward_step", "gru_backward_step")
+DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
+ROWS_PER_THREAD = (1, 2, 4)
+
+
+def find_cuobjdump():
+    found = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                       "cuobjdump")
+    if os.path.isfile(found):
+        return found
+    import triton  # noqa: F401  (only to locate its bundled CUDA tools)
+
+    bundled = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not bundled:
+        sys.exit("kernel_resources: no cuobjdump found (CUDA toolkit or triton wheel)")
+    return bundled[0]
+
+
+def demangle(names):
+    result = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    return result.stdout.splitlines()
+
+
+def read_resources(library):
+    """[(arch, demangled kernel name, {REG, STACK, SHARED, LOCAL})] for the gatedrnn kernels in library."""
+    dump = subprocess.run([find_cuobjdump(), "--dump-resource-usage", library], capture_output=True, text=True,
+                          check=True).stdout
+    entries, arch, function = [], None, None
+    for line in dump.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            function = m.group(1)
+        elif function and "REG:" in line:
+            usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            entries.append((arch, function, usage))
+            function = None
+    names = demangle([f for _, f, _ in entries]) if entries else []
+    return [(arch, name, usage) for (arch, _, usage), name in zip(entries, names) if "gatedrnn" in name]
+
+
+def parse_name(name):
+    """('lstm_forward_step', 'float32', 4) from the demangled name of one template instance."""
+    m = re.search(r"(\w+_step)<([^,]+), (\d+)>", name)
+    return m.group(1), DTYPES.get(m.group(2).strip(), m.group(2)), int(m.group(3))
+
+
+def check(resources, archs):
+    problems = []
+    for arch, name, usage in resources:
+        if usage.get("STACK", 0) or usage.get("LOCAL", 0):
+            problems.append(f"{arch} {name}: STACK {usage.get('STACK')} LOCAL {usage.get('LOCAL')} (spills?)")
+    present = {(arch, parse_name(name)) for arch, name, _ in resources}
+    for arch in archs:
+        for kernel in KERNELS:
+            for dtype in DTYPES.values():
+                for rpt in ROWS_PER_THREAD:
+                    if (arch, (kernel, dtype, rpt)) not in present:
+                        problems.append(f"{arch}: {kernel}<{dtype}, {rpt}> is missing")
+    return problems
+
+
+def markdown(resources, archs):
+    table = collections.defaultdict(dict)
+    for arch, name, usage in resources:
+        kernel, dtype, rpt = parse_name(name)
+        table[(kernel, dtype)][(arch, rpt)] = usage
+    header = ["kernel", "dtype"] + [f"registers {a}" for a in archs] + ["shared memory (bytes)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kernel in KERNELS:
+        for dtype in DTYPES.values():
+            row = table[(kernel, dtype)]
+            cells = [f"`{kernel}`", dtype]
+            for arch in archs:
+                cells.append(" / ".join(str(row.get((arch, r), {}).get("REG", "?")) for r in ROWS_PER_THREAD))
+            cells.append(" / ".join(str(row.get((archs[0], r), {}).get("SHARED", "?")) for r in ROWS_PER_THREAD))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("library", nargs="?")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args()
+    library = args.library
+    if library is None:
+        import gatedrnn
+
+        info = gatedrnn.backend_info()
+        if not info["cuda_compiled"]:
+            sys.exit("kernel_resources: this gatedrnn build has no CUDA code")
+        library = info["library"]
+    resources = read_resources(library)
+    archs = sorted({arch for arch, _, _ in resources})
+    if not resources:
+        sys.exit(f"kernel_resources: no gatedrnn kernels in {library}")
+    if args.markdown:
+        print(markdown(resources, archs))
+    for arch, name, usage in resources:
+        print(f"{arch} {name}: " + " ".join(f"{k}={v}" for k, v in usage.items()))
+    problems = check(resources, archs)
+    for problem in problems:
+        print("PROBLEM:", problem, file=sys.stderr)
+    print(f"kernel_resources: {len(resources)} kernel images for {', '.join(archs)}; "
+          f"{'FAILED' if problems else 'no stack frames, no local memory, none missing'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+// GRU on CUDA: one layer and direction over the whole sequence.
+//
+// The same structure as lstm.cu (read that first): x @ W_ih^T for every step as one GEMM, then per step one
+// launch of gru_forward_step, which computes h_{t-1} @ W_hh^T for the three gates of its 32 hidden units and
+// applies the update (cells.h) in registers. The biases are added in the kernel, b_hh's n part on the
+// recurrent side (n needs r * (W_hn h + b_hn)). Backward: per step one launch of gru_backward_step, which
+// computes [dr, dz, dhn]_{t+1} @ W_hh for its units, adds the direct part dh_{t+1} * z_{t+1} and the output
+// gradient, and applies the pointwise derivative; input, weight and bias gradients after the loop
+// (layer_grads.h). No allocation, host synchronisation or atomics inside the loop.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "../cells.h"
+#include "../checks.h"
+#include "../layer_grads.h"
+#include "../sequence.h"
+#include "launch.h"
+#include "step_tile.cuh"
+
+namespace gatedrnn::cuda {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int kGates = 3;
+constexpr int kSaved = 4;  // r, z, n, hn per hidden unit; also the columns of d_gates: dr, dz, dhn, dn
+
+// ------------------------------------------------------------------------------------------- forward
+template <typename scalar_t>
+struct GruForwardStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* w_tiles;  // forward_weight_tiles(W_hh): [tiles][H][3][32]
+  const scalar_t* x_proj;   // [N, 3H]: x @ W_ih^T
+  const acc_t* b_ih;        // [3H] or null
+  const acc_t* b_hh;        // [3H] or null
+  const scalar_t* h0;       // [B, H]
+  scalar_t* output;         // [N, H]: h_t; the previous step's rows are this step's h_{t-1}
+  scalar_t* hy;             // [B, H]
+  acc_t* saved;             // [N, 4H]: r, z, n, hn, or null
+  int64_t hidden;
+  Step step;  // this step's rows (sequence.h)
+};
+
+// h_{t-1} of batch row b: the previous step's output row, or h0 for a row's first step.
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* previous_state(const scalar_t* output, const scalar_t* h0, int64_t b,
+                                                          const Step& step, int64_t H) {
+  return b < step.prev_rows ? output + (step.prev_offset + b) * H : h0 + b * H;
+}
+
+template <typename scalar_t, int RPT>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(const GruForwardStep<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Storage = TileStorage<scalar_t, kGates, RPT>;
+  GATEDRNN_TILE_STORAGE(tile, Storage);
+  const int64_t H = p.hidden;
+  set_tile_rows(tile, p.step.rows, [&](int64_t b) { return previous_state(p.output, p.h0, b, p.step, H); });
+  acc_t acc[kGates][RPT] = {};
+  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * H * kGates * kTileUnits, H, acc);
+
+  const int64_t j = tile_unit();
+  if (j >= H) return;
+  for_each_thread_row<RPT>(p.step.rows, [&](int i, int64_t b) {
+    const int64_t row = p.step.offset + b;
+    const scalar_t* x = p.x_proj + row * kGates * H + j;
+    acc_t gi[kGates], gh[kGates];
+#pragma unroll
+    for (int g = 0; g < kGates; ++g) {
+      gi[g] = static_cast<acc_t>(x[g * H]) + (p.b_ih ? p.b_ih[g * H + j] : acc_t(0));
+      gh[g] = acc[g][i] + (p.b_hh ? p.b_hh[g * H + j] : acc_t(0));
+    }
+    const auto a = gru_activate<acc_t>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2]);
+    const acc_t h_prev = static_cast<acc_t>(previous_state(p.output, p.h0, b, p.step, H)[j]);
+    const acc_t h = gru_hidden(a, h_prev);
+    p.output[row * H + j] = static_cast<scalar_t>(h);
+    p.hy[b * H + j] = static_cast<scalar_t>(h);
+    if (p.saved) {
+      acc_t* saved = p.saved + row * kSaved * H + j;
+      saved[0] = a.r;
+      saved[H] = a.z;
+      saved[2 * H] = a.n;
+      saved[3 * H] = a.hn;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const OptTensor& batch_sizes,
+                                                    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
+                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
+                                                    bool save) {
+  constexpr const char* op = "gatedrnn::gru_forward";
+  const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  check_cuda_layer(op, input_, s.hidden);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto [input, w_ih, w_hh, h0, no_proj, dtype, acc_dtype] =
+      contiguous_inputs(input_, w_ih_, w_hh_, hx_, std::nullopt);
+  const auto acc_options = input.options().dtype(acc_dtype);
+  const auto to_acc = [&](const OptTensor& t) { return t ? OptTensor(t->to(acc_dtype).contiguous()) : t; };
+  const OptTensor b_ih = to_acc(b_ih_), b_hh = to_acc(b_hh_);
+
+  const int64_t H = s.hidden;
+  auto x_proj = at::mm(input.view({s.rows, s.input_size}), w_ih.t());
+  auto saved = save ? at::empty({s.rows, kSaved * H}, acc_options) : at::empty({0}, acc_options);
+  auto output2d = at::empty({s.rows, H}, input.options());
+  auto hy = h0.clone();  // rows are overwritten at every step they are active in
+  const auto w_tiles = forward_weight_tiles(w_hh, kGates, H);
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    GruForwardStep<scalar_t> p{w_tiles.const_data_ptr<scalar_t>(),
+                               x_proj.const_data_ptr<scalar_t>(),
+                               data_or_null<acc_t>(b_ih),
+                               data_or_null<acc_t>(b_hh),
+                               h0.const_data_ptr<scalar_t>(),
+                               output2d.data_ptr<scalar_t>(),
+                               hy.data_ptr<scalar_t>(),
+                               save ? saved.data_ptr<acc_t>() : nullptr,
+                               H,
+                               Step{}};
+    for (const Step& step : schedule) {
+      p.step = step;
+      launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
+        gru_forward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
+      });
+    }
+  });
+
+  auto output_shape = input_.sizes().vec();
+  output_shape.back() = H;
+  return {output2d.view(output_shape), hy, saved};
+}
+
+// ------------------------------------------------------------------------------------------ backward
+template <typename scalar_t>
+struct GruBackwardStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* w_tiles;      // backward_weight_tiles(W_hh): [tiles][3H][32]
+  const scalar_t* later_grads;  // d_gates rows of the step processed after this one (its row b: + b * 4H)
+  int64_t later_rows;           // rows of this step that fed that later step
+  const scalar_t* grad_output;  // [N, H]
+  acc_t* carry;                 // [B, H]: grad_hy, then each row's direct part dh_t * z_t for its earlier step
+  const acc_t* saved;           // [N, 4H]: r, z, n, hn
+  const scalar_t* output;       // [N, H]
+  const scalar_t* h0;           // [B, H]
+  scalar_t* d_gates;            // [N, 4H]: dr, dz, dhn, dn out
+  int64_t hidden;
+  Step step;  // this step's rows (sequence.h)
+};
+
+template <typename scalar_t, int RPT>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(const GruBackwardStep<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Storage = TileStorage<scalar_t, 1, RPT>;
+  GATEDRNN_TILE_STORAGE(tile, Storage);
+  const int64_t H = p.hidden;
+  set_tile_rows(tile, p.later_rows, [&](int64_t b) { return p.later_grads + b * kSaved * H; });
+  acc_t acc[1][RPT] = {};
+  if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
+    // [dr, dz, dhn] are the first 3H columns of the later step's d_gates rows.
+    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * kGates * H * kTileUnits, kGates * H, acc);
+  }
+
+  const int64_t j = tile_unit();
+  if (j >= H) return;
+  for_each_thread_row<RPT>(p.step.rows, [&](int i, int64_t b) {
+    const int64_t row = p.step.offset + b;
+    const acc_t dh = acc[0][i] + static_cast<acc_t>(p.grad_output[row * H + j]) + p.carry[b * H + j];
+    const acc_t* sv = p.saved + row * kSaved * H + j;
+    const GruGates<acc_t> a{sv[0], sv[H], sv[2 * H], sv[3 * H]};
+    const acc_t h_prev = static_cast<acc_t>(previous_state(p.output, p.h0, b, p.step, H)[j]);
+    GruGateGrads<acc_t> d_in, d_hid;
+    p.carry[b * H + j] = gru_backward(a, h_prev, dh, d_in, d_hid);
+    scalar_t* dg = p.d_gates + row * kSaved * H + j;
+    dg[0] = static_cast<scalar_t>(d_in.r);
+    dg[H] = static_cast<scalar_t>(d_in.z);
+    dg[2 * H] = static_cast<scalar_t>(d_hid.n);
+    dg[3 * H] = static_cast<scalar_t>(d_in.n);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
+    const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
+    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
+    bool reverse, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "gatedrnn::gru_backward";
+  const LayerShape s =
+      check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
+  check_cuda_layer(op, input_, s.hidden);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto [input, w_ih, w_hh, hx, no_proj, dtype, acc_dtype] =
+      contiguous_inputs(input_, w_ih_, w_hh_, hx_, std::nullopt);
+  const int64_t H = s.hidden;
+  const auto grad_out2d = grad_output_.to(dtype).contiguous().view({s.rows, H});
+  const auto output2d = output_.contiguous().view({s.rows, H});
+  const auto saved = saved_.contiguous();
+  auto carry = grad_hy_.to(acc_dtype, false, true).contiguous();
+  auto d_gates = at::empty({s.rows, kSaved * H}, input.options());
+  const auto w_tiles = backward_weight_tiles(w_hh);
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    GruBackwardStep<scalar_t> p{};
+    p.w_tiles = w_tiles.const_data_ptr<scalar_t>();
+    p.grad_output = grad_out2d.const_data_ptr<scalar_t>();
+    p.carry = carry.data_ptr<acc_t>();
+    p.saved = saved.const_data_ptr<acc_t>();
+    p.output = output2d.const_data_ptr<scalar_t>();
+    p.h0 = hx.const_data_ptr<scalar_t>();
+    p.d_gates = d_gates.data_ptr<scalar_t>();
+    p.hidden = H;
+    for (size_t k = schedule.size(); k-- > 0;) {
+      const Step& step = schedule[k];
+      const Step* later = k + 1 < schedule.size() ? &schedule[k + 1] : nullptr;
+      p.later_grads = later ? p.d_gates + later->offset * kSaved * H : nullptr;
+      p.later_rows = later ? later->prev_rows : 0;
+      p.step = step;
+      launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
+        gru_backward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
+      });
+    }
+  });
+  // h0 reaches each row's first step directly (the carry now holds dh * z of that step) and through W_hh.
+  add_initial_state_grad(carry, d_gates.narrow(1, 0, kGates * H), w_hh, schedule);
+
+  const auto x2d = input.view({s.rows, s.input_size});
+  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input_.sizes(), input_.options()};
+  const auto g = gru_layer_grads(args, d_gates);
+  return {g.input, carry.to(dtype), g.w_ih, g.w_hh, g.b_ih, g.b_hh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gatedrnn, CUDA, m) {
+  m.impl("gru_forward", &gru_forward_cuda);
+  m.impl("gru_backward", &gru_backward_cuda);
+}
+
+}  // namespace gatedrnn::cuda

@@ -1,0 +1,101 @@
+// Host-side helpers of the CUDA ops: the once-per-call weight re-layout into block tiles, the per-step launch
+// geometry, and the checks every CUDA entry makes beyond checks.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../sequence.h"
+#include "step_tile.cuh"
+
+namespace gatedrnn::cuda {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// W_hh [G*H, R] as the forward kernels read it: [ceil(H/J)][R][G][J] (J = kTileUnits), so that the G*J rows
+// of one block's hidden units are one contiguous slab, k-major. Units past H are zero rows.
+inline at::Tensor forward_weight_tiles(const at::Tensor& w_hh, int64_t gates, int64_t hidden) {
+  const int64_t R = w_hh.size(1), tiles = ceil_div(hidden, kTileUnits), padded = tiles * kTileUnits;
+  auto w = w_hh.contiguous().view({gates, hidden, R});
+  if (padded != hidden) w = at::constant_pad_nd(w, {0, 0, 0, padded - hidden});
+  return w.view({gates, tiles, kTileUnits, R}).permute({1, 3, 0, 2}).contiguous();
+}
+
+// The first `rows_used` rows of W_hh, transposed, as the backward kernels read them (dh_{t-1} = dG_t @ W_hh,
+// block tiles over the columns of W_hh): [ceil(R/J)][rows_used][J], columns past R zero.
+inline at::Tensor backward_weight_tiles(const at::Tensor& w_hh) {
+  const int64_t K = w_hh.size(0), R = w_hh.size(1), tiles = ceil_div(R, kTileUnits), padded = tiles * kTileUnits;
+  auto w = w_hh.contiguous();
+  if (padded != R) w = at::constant_pad_nd(w, {0, padded - R});
+  return w.view({K, tiles, kTileUnits}).permute({1, 0, 2}).contiguous();
+}
+
+// Checks the CUDA entries add to checks.h: a CUDA input, and a grid the hardware can launch.
+inline void check_cuda_layer(const char* op, const at::Tensor& input, int64_t units) {
+  TORCH_CHECK(input.is_cuda(), op, ": the CUDA kernel got input on ", input.device());
+  TORCH_CHECK(ceil_div(units, kTileUnits) <= 65535, op, ": hidden_size ", units,
+              " is too large for the CUDA kernels (at most ", 65535 * kTileUnits, ")");
+}
+
+// The tensors every CUDA entry reads, contiguous, and the dtypes it computes in: storage (the input's) and
+// accumulation (float32 for half/bfloat16 storage, else the same).
+struct LayerInputs {
+  at::Tensor input, w_ih, w_hh, h0;
+  std::optional<at::Tensor> w_hr;
+  at::ScalarType dtype, acc_dtype;
+};
+
+inline LayerInputs contiguous_inputs(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const at::Tensor& h0, const std::optional<at::Tensor>& w_hr) {
+  return {input.contiguous(),
+          w_ih.contiguous(),
+          w_hh.contiguous(),
+          h0.contiguous(),
+          w_hr.has_value() ? std::optional<at::Tensor>(w_hr->contiguous()) : std::nullopt,
+          input.scalar_type(),
+          at::toOpMathType(input.scalar_type())};
+}
+
+// Launches one step's kernel over `rows` batch rows and `units` hidden units: calls
+// launch(std::integral_constant<int, RPT>, grid, block, stream) with the rows-per-thread the step's size asks for.
+template <typename Launch>
+void launch_step(int64_t rows, int64_t units, const Launch& launch) {
+  if (rows == 0) return;  // an empty batch: nothing to compute, and a zero grid is a launch error
+  const int rpt = rows_per_thread(rows);
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kRowGroups) * rpt)),
+                  static_cast<unsigned>(ceil_div(units, kTileUnits)));
+  const dim3 block(kTileUnits, kRowGroups);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (rpt == 1) {
+    launch(std::integral_constant<int, 1>{}, grid, block, stream);
+  } else if (rpt == 2) {
+    launch(std::integral_constant<int, 2>{}, grid, block, stream);
+  } else {
+    launch(std::integral_constant<int, 4>{}, grid, block, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Adds to grad_h0 the gradient reaching h0 through W_hh: each row's first step (processing order) is the
+// only one that reads h0. d_hidden: [N, K] gradients of the recurrent pre-activations (K = rows of W_hh).
+inline void add_initial_state_grad(at::Tensor& grad_h0, const at::Tensor& d_hidden, const at::Tensor& w_hh,
+                                   const std::vector<Step>& schedule) {
+  for (const Step& step : schedule) {
+    if (step.rows == step.prev_rows) continue;
+    const int64_t first = step.prev_rows, count = step.rows - step.prev_rows;
+    grad_h0.narrow(0, first, count).add_(at::mm(d_hidden.narrow(0, step.offset + first, count), w_hh));
+  }
+}
+
+// A typed pointer to an optional tensor's data, or null.
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace gatedrnn::cuda

@@ -1,0 +1,118 @@
+// The gradients computed after a backward time loop, on any device: input, weight and bias gradients are
+// large GEMMs and reductions over all rows of the pre-activation gradients (DESIGN.md principle 4). The CPU
+// and CUDA backward ops differ only in how they fill d_gates; everything here is plain ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <vector>
+
+#include "sequence.h"
+
+namespace gatedrnn {
+
+inline at::Tensor rows_of(const at::Tensor& t, int64_t offset, int64_t rows) { return t.narrow(0, offset, rows); }
+
+// The recurrent state each row saw on entry to its step, as one [N, R] matrix (packed sequences).
+inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, const at::Tensor& output2d,
+                                         const at::Tensor& h0) {
+  auto prev = at::empty_like(output2d);
+  for (const auto& s : schedule) {
+    if (s.prev_rows > 0) rows_of(prev, s.offset, s.prev_rows).copy_(rows_of(output2d, s.prev_offset, s.prev_rows));
+    if (s.rows > s.prev_rows) {
+      rows_of(prev, s.offset + s.prev_rows, s.rows - s.prev_rows).copy_(rows_of(h0, s.prev_rows, s.rows - s.prev_rows));
+    }
+  }
+  return prev;
+}
+
+// dW_hh = dG_hidden^T @ H_prev, H_prev[row] being the state the row saw on entry to its step: h0 for the
+// first step, the previous step's output after. Dense input needs no gathered copy of H_prev: its rows
+// are the output shifted by one step (B rows), and h0 for the first step.
+inline at::Tensor recurrent_weight_grad(const at::Tensor& d_hidden, const at::Tensor& output2d, const at::Tensor& h0,
+                                        const std::vector<Step>& schedule, bool dense, bool reverse) {
+  if (!dense) return at::mm(d_hidden.t(), gather_previous_states(schedule, output2d, h0));
+  const int64_t rows = output2d.size(0), batch = h0.size(0), later = rows - batch;
+  // Forward: rows [B, N) saw output rows [0, N - B). Reverse: rows [0, N - B) saw output rows [B, N).
+  const auto d_first = d_hidden.narrow(0, reverse ? later : 0, batch);
+  auto grad = at::mm(d_first.t(), h0);
+  if (later > 0) {
+    grad.addmm_(d_hidden.narrow(0, reverse ? 0 : batch, later).t(), output2d.narrow(0, reverse ? batch : 0, later));
+  }
+  return grad;
+}
+
+// What every backward op needs to finish: the layer's forward tensors (all in the dtype the loop computed in),
+// which gradients were asked for, and the dtype and shape to return them in.
+struct LayerGradArgs {
+  const at::Tensor& x2d;       // [N, I]
+  const at::Tensor& w_ih;      // [G*H, I]
+  const at::Tensor& output2d;  // [N, R]: h_t of every row
+  const at::Tensor& h0;        // [B, R]
+  const std::vector<Step>& schedule;
+  bool dense, reverse;
+  std::array<bool, 3> output_mask;  // input, weights, biases
+  at::IntArrayRef input_shape;
+  at::TensorOptions storage;  // dtype and device of the returned gradients
+};
+
+inline at::Tensor no_grad_tensor(const LayerGradArgs& a) { return at::empty({0}, a.storage); }
+
+struct LstmGrads {
+  at::Tensor input, w_ih, w_hh, bias, w_hr;
+};
+
+// d_gates: [N, 4H] pre-activation gradients (i, f, g, o). With a projection, d_proj [N, R] is the gradient
+// reaching each projected output and pre_proj [N, H] the hidden values before the projection.
+inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates, const at::Tensor& d_proj,
+                                  const at::Tensor& pre_proj) {
+  const auto [want_input, want_weights, want_bias] = a.output_mask;
+  const auto dtype = a.storage.dtype();
+  LstmGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
+  if (want_input) g.input = at::mm(d_gates, a.w_ih).view(a.input_shape).to(dtype);
+  if (want_weights) {
+    g.w_ih = at::mm(d_gates.t(), a.x2d).to(dtype);
+    g.w_hh = recurrent_weight_grad(d_gates, a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
+    if (d_proj.defined()) g.w_hr = at::mm(d_proj.t(), pre_proj).to(dtype);
+  }
+  if (want_bias) g.bias = d_gates.sum(0).to(dtype);
+  return g;
+}
+
+struct GruGrads {
+  at::Tensor input, w_ih, w_hh, b_ih, b_hh;
+};
+
+// d_gates: [N, 4H] = [dr, dz, dhn, dn]. The r and z gradients are the same on the input and the hidden
+// side, so the hidden side's [dr, dz, dhn] are columns [0, 3H) and the input side's [dr, dz, dn] are columns
+// [0, 2H) and [3H, 4H).
+inline GruGrads gru_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates) {
+  const auto [want_input, want_weights, want_bias] = a.output_mask;
+  const auto dtype = a.storage.dtype();
+  const int64_t H = d_gates.size(1) / 4;
+  const auto d_rz = d_gates.narrow(1, 0, 2 * H), d_n = d_gates.narrow(1, 3 * H, H);
+  GruGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
+  if (want_input) {
+    auto grad_input = at::mm(d_rz, a.w_ih.narrow(0, 0, 2 * H));
+    grad_input.addmm_(d_n, a.w_ih.narrow(0, 2 * H, H));
+    g.input = grad_input.view(a.input_shape).to(dtype);
+  }
+  if (want_weights) {
+    auto grad_w_ih = at::empty_like(a.w_ih);
+    auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
+    at::mm_out(grad_w_ih_rz, d_rz.t(), a.x2d);
+    at::mm_out(grad_w_ih_n, d_n.t(), a.x2d);
+    g.w_ih = grad_w_ih.to(dtype);
+    g.w_hh =
+        recurrent_weight_grad(d_gates.narrow(1, 0, 3 * H), a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
+  }
+  if (want_bias) {
+    const auto sums = d_gates.sum(0);
+    g.b_ih = at::cat({sums.narrow(0, 0, 2 * H), sums.narrow(0, 3 * H, H)}).to(dtype);
+    g.b_hh = sums.narrow(0, 0, 3 * H).to(dtype);
+  }
+  return g;
+}
+
+}  // namespace gatedrnn
