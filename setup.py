@@ -8,7 +8,8 @@ Environment:
   GATEDRNN_CUDA=1 / 0     force the CUDA build on / off (default: on when torch is a CUDA build and a CUDA
                           root with nvcc is found; never decided by torch.cuda.is_available(), which is False
                           on our GPU-less build machines)
-  TORCH_CUDA_ARCH_LIST    CUDA archs (default 8.0;8.6;9.0+PTX: without a visible GPU torch cannot guess)
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default 8.0;8.6;9.0+PTX: without a visible GPU torch cannot guess;
+                          the kernels need 8.0 or newer)
   GATEDRNN_DEBUG=1        -O0 -g
   GATEDRNN_SANITIZE=1     AddressSanitizer + UndefinedBehaviorSanitizer, every report fatal (see .ci/sanitize)
 """

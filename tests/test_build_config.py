@@ -63,3 +63,17 @@ def test_cuda_kernels_use_no_stack_or_local_memory():
     for arch in ("sm_80", "sm_86", "sm_90"):
         if arch[3:] in gatedrnn.backend_info()["cuda_archs"].replace(".", ""):
             assert f"{arch} " in result.stdout, arch
+
+
+def test_readme_states_the_compiled_kernel_resources():
+    """The README's per-kernel registers/shared memory table is the one this build produces (nvcc 13.0,
+    the toolkit CI builds with). Regenerate it with `python .ci/kernel_resources.py --markdown`."""
+    info = gatedrnn.backend_info()
+    if not info["cuda_compiled"] or info["cuda_runtime"] != 13000 or info["cuda_archs"] != "8.0;8.6;9.0+PTX":
+        pytest.skip("the README's table is for a CUDA 13.0 build for 8.0;8.6;9.0+PTX")
+    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "kernel_resources.py"), "--markdown"],
+                            capture_output=True, text=True, check=True)
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    readme = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    start = readme.index(table[0])
+    assert readme[start:start + len(table)] == table

@@ -6,9 +6,10 @@
 // never reach global memory.
 //
 // Both operands are staged through shared memory in chunks of kChunk along K. The weight tile is laid out
-// [K][NG][kTileUnits] (see weights.h), so a chunk is one contiguous, coalesced read, and thread x reads
-// column x of it: consecutive threads, consecutive banks. Every thread of a warp reads the same A value
-// (a broadcast). Accumulation is in acc_t (float for float/half/bfloat16, double for double), by FMA.
+// [K][NG][kTileUnits] (see launch.h), so a chunk is one contiguous, coalesced read. float32 and float64
+// accumulate by FMA in acc_t (float32 never uses TF32 here): thread x reads column x of the weight chunk
+// (consecutive threads, consecutive banks) and the A value all threads of its warp read (a broadcast).
+// float16 and bfloat16 run the chunk's product on tensor cores with float32 accumulators.
 //
 // The weights are read from global memory (L2) at every step; keeping a block's tile on chip across steps is
 // the persistent kernel of a later issue, which can reuse this tile and replace the launch boundary with a
@@ -17,8 +18,18 @@
 
 #include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "gatedrnn's CUDA kernels need compute capability 8.0 or newer (bfloat16 tensor cores): set TORCH_CUDA_ARCH_LIST"
+#endif
 
 namespace gatedrnn::cuda {
 
@@ -33,53 +44,144 @@ constexpr int kMinBlocksPerSm = 2;
 // Batch rows per thread: a step with few rows gets small blocks instead of idle threads.
 inline int rows_per_thread(int64_t rows) { return rows <= kRowGroups ? 1 : rows <= 2 * kRowGroups ? 2 : 4; }
 
+// Storage types whose per-step product runs on tensor cores (WMMA, float32 accumulation).
+template <typename scalar_t>
+constexpr bool kUsesTensorCores = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
 template <typename scalar_t, int NG, int RPT>
 struct TileStorage {
   static constexpr int kRows = kRowGroups * RPT;
-  scalar_t w[kChunk][NG * kTileUnits];
-  scalar_t a[kRows][kChunk];
+  static constexpr int kWidth = NG * kTileUnits;
+  union {
+    struct {
+      scalar_t w[kChunk][kWidth];  // a K chunk of the weight tile
+      scalar_t a[kRows][kChunk];   // the same K chunk of the block's A rows
+    } in;
+    float out[kRows][kWidth];  // tensor-core results, handed to the threads that own them (half/bfloat16 only)
+  };
   const scalar_t* rows[kRows];  // A's row of each tile row, or null for a row that contributes zeros
 };
 
 // Shared memory for a TileStorage. Declared as raw bytes: c10::Half and c10::BFloat16 have constructors,
 // which __shared__ variables may not have.
-#define GATEDRNN_TILE_STORAGE(name, type)                        \
-  __shared__ __align__(16) unsigned char name##_bytes[sizeof(type)]; \
+#define GATEDRNN_TILE_STORAGE(name, type)                         \
+  __shared__ __align__(128) unsigned char name##_bytes[sizeof(type)]; \
   type& name = *reinterpret_cast<type*>(name##_bytes)
+
+// Stages K chunk [k0, k0 + kChunk) of the weight tile and of the A rows in shared memory (zeros past K),
+// then synchronises the block.
+template <typename scalar_t, int NG, int RPT>
+__device__ __forceinline__ void stage_chunk(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
+                                            int64_t K, int64_t k0) {
+  using Storage = TileStorage<scalar_t, NG, RPT>;
+  constexpr int kWidth = Storage::kWidth;
+  const int tid = threadIdx.y * kTileUnits + threadIdx.x;
+  const int64_t chunk = K - k0 < kChunk ? K - k0 : kChunk;
+  const scalar_t* w_chunk = w_tile + k0 * kWidth;
+  for (int e = tid; e < kChunk * kWidth; e += kThreads) {
+    (&s.in.w[0][0])[e] = e / kWidth < chunk ? w_chunk[e] : scalar_t(0);
+  }
+  for (int e = tid; e < Storage::kRows * kChunk; e += kThreads) {
+    const int r = e / kChunk, kk = e % kChunk;
+    const scalar_t* row = s.rows[r];
+    s.in.a[r][kk] = (row != nullptr && kk < chunk) ? row[k0 + kk] : scalar_t(0);
+  }
+  __syncthreads();
+}
+
+// float32/float64: every thread accumulates its own NG x RPT dot products by FMA.
+template <typename scalar_t, typename acc_t, int NG, int RPT>
+__device__ __forceinline__ void tile_matmul_fma(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
+                                                int64_t K, acc_t (&acc)[NG][RPT]) {
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    stage_chunk(s, w_tile, K, k0);
+#pragma unroll 4
+    for (int kk = 0; kk < kChunk; ++kk) {
+      acc_t w[NG];
+#pragma unroll
+      for (int g = 0; g < NG; ++g) w[g] = static_cast<acc_t>(s.in.w[kk][g * kTileUnits + threadIdx.x]);
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const acc_t a = static_cast<acc_t>(s.in.a[threadIdx.y + kRowGroups * i][kk]);
+#pragma unroll
+        for (int g = 0; g < NG; ++g) acc[g][i] += w[g] * a;
+      }
+    }
+    __syncthreads();  // the next chunk overwrites s.in
+  }
+}
+
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// float16/bfloat16: the block's [rows x NG*32] product on tensor cores (WMMA, float32 accumulators), its
+// output fragments dealt round-robin to the 8 warps. 8 rows use the m8n32k16 shape, 16 or 32 rows m16n16k16.
+// The results go through shared memory (s.out, over the staged inputs) to the threads that own them.
+template <typename scalar_t, int NG, int RPT>
+__device__ __forceinline__ void tile_matmul_mma(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
+                                                int64_t K, float (&acc)[NG][RPT]) {
+  namespace wmma = nvcuda::wmma;
+  using Storage = TileStorage<scalar_t, NG, RPT>;
+  using T = typename WmmaType<scalar_t>::type;
+  constexpr int kM = Storage::kRows == 8 ? 8 : 16, kN = Storage::kRows == 8 ? 32 : 16, kK = 16;
+  constexpr int kTilesM = Storage::kRows / kM, kTilesN = Storage::kWidth / kN;
+  constexpr int kFragments = kTilesM * kTilesN;
+  constexpr int kPerWarp = (kFragments + kRowGroups - 1) / kRowGroups;
+  const int warp = threadIdx.y;  // blockDim.x is one warp
+
+  wmma::fragment<wmma::accumulator, kM, kN, kK, float> c[kPerWarp];
+#pragma unroll
+  for (int q = 0; q < kPerWarp; ++q) wmma::fill_fragment(c[q], 0.0f);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    stage_chunk(s, w_tile, K, k0);
+#pragma unroll
+    for (int q = 0; q < kPerWarp; ++q) {
+      const int f = warp + kRowGroups * q;
+      if (f >= kFragments) break;  // uniform across the warp
+      const int tile_m = f / kTilesN, tile_n = f % kTilesN;
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += kK) {
+        wmma::fragment<wmma::matrix_a, kM, kN, kK, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, kM, kN, kK, T, wmma::row_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(&s.in.a[tile_m * kM][kk]), kChunk);
+        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(&s.in.w[kk][tile_n * kN]), Storage::kWidth);
+        wmma::mma_sync(c[q], a, b, c[q]);
+      }
+    }
+    __syncthreads();  // the next chunk (or s.out below) overwrites s.in
+  }
+#pragma unroll
+  for (int q = 0; q < kPerWarp; ++q) {
+    const int f = warp + kRowGroups * q;
+    if (f >= kFragments) break;
+    const int tile_m = f / kTilesN, tile_n = f % kTilesN;
+    wmma::store_matrix_sync(&s.out[tile_m * kM][tile_n * kN], c[q], Storage::kWidth, wmma::mem_row_major);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) acc[g][i] += s.out[threadIdx.y + kRowGroups * i][g * kTileUnits + threadIdx.x];
+  }
+}
 
 // acc[g][i] += sum_k s.rows[threadIdx.y + kRowGroups * i][k] * w_tile[k][g][threadIdx.x], k < K.
 // s.rows must be set (and synchronised) by the caller. Every thread of the block must call this.
 template <typename scalar_t, typename acc_t, int NG, int RPT>
 __device__ __forceinline__ void tile_matmul(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
                                             int64_t K, acc_t (&acc)[NG][RPT]) {
-  using Storage = TileStorage<scalar_t, NG, RPT>;
-  constexpr int kWidth = NG * kTileUnits;
-  const int tid = threadIdx.y * kTileUnits + threadIdx.x;
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t chunk = K - k0 < kChunk ? K - k0 : kChunk;
-    const scalar_t* w_chunk = w_tile + k0 * kWidth;
-    for (int e = tid; e < kChunk * kWidth; e += kThreads) {
-      (&s.w[0][0])[e] = e / kWidth < chunk ? w_chunk[e] : scalar_t(0);
-    }
-    for (int e = tid; e < Storage::kRows * kChunk; e += kThreads) {
-      const int r = e / kChunk, kk = e % kChunk;
-      const scalar_t* row = s.rows[r];
-      s.a[r][kk] = (row != nullptr && kk < chunk) ? row[k0 + kk] : scalar_t(0);
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < kChunk; ++kk) {
-      acc_t w[NG];
-#pragma unroll
-      for (int g = 0; g < NG; ++g) w[g] = static_cast<acc_t>(s.w[kk][g * kTileUnits + threadIdx.x]);
-#pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const acc_t a = static_cast<acc_t>(s.a[threadIdx.y + kRowGroups * i][kk]);
-#pragma unroll
-        for (int g = 0; g < NG; ++g) acc[g][i] += w[g] * a;
-      }
-    }
-    __syncthreads();  // the next chunk overwrites s.w and s.a
+  if constexpr (kUsesTensorCores<scalar_t>) {
+    tile_matmul_mma(s, w_tile, K, acc);
+  } else {
+    tile_matmul_fma(s, w_tile, K, acc);
   }
 }
 
