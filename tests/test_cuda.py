@@ -39,7 +39,8 @@ def _relative_error(actual, exact):
 
 
 @pytest.mark.parametrize("case", MODES, ids=_ids)
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)],
+                         ids=["float32", "bfloat16", "float16"])
 def test_low_precision_against_float64(case, dtype, bound):
     """Outputs, states and gradients within the dtype's resolution of the float64 answer (computed by torch.nn
     on the CPU), or at most 3x as far from it as torch.nn's own CUDA path (cuDNN) in that dtype. Errors are

@@ -10,7 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
@@ -21,6 +20,7 @@
 #include "../layer_grads.h"
 #include "../sequence.h"
 #include "launch.h"
+#include "platform.h"
 #include "step_tile.cuh"
 
 namespace gatedrnn::cuda {
@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(co
   });
 }
 
+template <typename scalar_t>
+constexpr auto gru_forward_step_instance = [](auto rpt) {  // for launch_step
+  return gru_forward_step<scalar_t, decltype(rpt)::value>;
+};
+
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const OptTensor& batch_sizes,
                                                     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                     const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
@@ -98,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_cuda_layer(op, input_, s.hidden);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, no_proj, dtype, acc_dtype] =
       contiguous_inputs(input_, w_ih_, w_hh_, hx_, std::nullopt);
   const auto acc_options = input.options().dtype(acc_dtype);
@@ -127,9 +132,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
                                Step{}};
     for (const Step& step : schedule) {
       p.step = step;
-      launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
-        gru_forward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
-      });
+      launch_step(step.rows, H, gru_forward_step_instance<scalar_t>, p);
     }
   });
 
@@ -186,6 +189,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(c
   });
 }
 
+template <typename scalar_t>
+constexpr auto gru_backward_step_instance = [](auto rpt) {  // for launch_step
+  return gru_backward_step<scalar_t, decltype(rpt)::value>;
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
@@ -194,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
   check_cuda_layer(op, input_, s.hidden);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, no_proj, dtype, acc_dtype] =
       contiguous_inputs(input_, w_ih_, w_hh_, hx_, std::nullopt);
   const int64_t H = s.hidden;
@@ -223,9 +231,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
       p.later_grads = later ? p.d_gates + later->offset * kSaved * H : nullptr;
       p.later_rows = later ? later->prev_rows : 0;
       p.step = step;
-      launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
-        gru_backward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
-      });
+      launch_step(step.rows, H, gru_backward_step_instance<scalar_t>, p);
     }
   });
   // h0 reaches each row's first step directly (the carry now holds dh * z of that step) and through W_hh.
@@ -240,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gatedrnn, CUDA, m) {
+TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
   m.impl("gru_forward", &gru_forward_cuda);
   m.impl("gru_backward", &gru_backward_cuda);
 }

@@ -4,13 +4,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <type_traits>
 #include <vector>
 
 #include "../sequence.h"
+#include "platform.h"
 #include "step_tile.cuh"
 
 namespace gatedrnn::cuda {
@@ -37,7 +36,7 @@ inline at::Tensor backward_weight_tiles(const at::Tensor& w_hh) {
 
 // Checks the CUDA entries add to checks.h: a CUDA input, and a grid the hardware can launch.
 inline void check_cuda_layer(const char* op, const at::Tensor& input, int64_t units) {
-  TORCH_CHECK(input.is_cuda(), op, ": the CUDA kernel got input on ", input.device());
+  TORCH_CHECK(on_kernel_device(input), op, ": the CUDA kernel got input on ", input.device());
   TORCH_CHECK(ceil_div(units, kTileUnits) <= 65535, op, ": hidden_size ", units,
               " is too large for the CUDA kernels (at most ", 65535 * kTileUnits, ")");
 }
@@ -61,24 +60,23 @@ inline LayerInputs contiguous_inputs(const at::Tensor& input, const at::Tensor& 
           at::toOpMathType(input.scalar_type())};
 }
 
-// Launches one step's kernel over `rows` batch rows and `units` hidden units: calls
-// launch(std::integral_constant<int, RPT>, grid, block, stream) with the rows-per-thread the step's size asks for.
-template <typename Launch>
-void launch_step(int64_t rows, int64_t units, const Launch& launch) {
+// Launches one step's kernel over `rows` batch rows and `units` hidden units, with the rows per thread the
+// step's size asks for: choose_kernel(std::integral_constant<int, RPT>{}) returns the kernel instance for RPT
+// (each kernel file defines one such chooser per kernel template, NAME_instance<scalar_t>).
+template <typename ChooseKernel, typename Params>
+void launch_step(int64_t rows, int64_t units, const ChooseKernel& choose_kernel, const Params& params) {
   if (rows == 0) return;  // an empty batch: nothing to compute, and a zero grid is a launch error
   const int rpt = rows_per_thread(rows);
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kRowGroups) * rpt)),
                   static_cast<unsigned>(ceil_div(units, kTileUnits)));
   const dim3 block(kTileUnits, kRowGroups);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (rpt == 1) {
-    launch(std::integral_constant<int, 1>{}, grid, block, stream);
+    launch_kernel(choose_kernel(std::integral_constant<int, 1>{}), grid, block, params);
   } else if (rpt == 2) {
-    launch(std::integral_constant<int, 2>{}, grid, block, stream);
+    launch_kernel(choose_kernel(std::integral_constant<int, 2>{}), grid, block, params);
   } else {
-    launch(std::integral_constant<int, 4>{}, grid, block, stream);
+    launch_kernel(choose_kernel(std::integral_constant<int, 4>{}), grid, block, params);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Adds to grad_h0 the gradient reaching h0 through W_hh: each row's first step (processing order) is the

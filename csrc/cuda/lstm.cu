@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
@@ -23,6 +22,7 @@
 #include "../layer_grads.h"
 #include "../sequence.h"
 #include "launch.h"
+#include "platform.h"
 #include "step_tile.cuh"
 
 namespace gatedrnn::cuda {
@@ -95,6 +95,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_forward_step(c
 }
 
 template <typename scalar_t>
+constexpr auto lstm_forward_step_instance = [](auto rpt) {  // for launch_step
+  return lstm_forward_step<scalar_t, decltype(rpt)::value>;
+};
+
+template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x_proj,
                        const OptTensor& bias, const Tensor& h0, const Tensor& w_hh, const OptTensor& w_hr,
                        Tensor& output2d, Tensor& hy, Tensor& c_state, Tensor& gates, Tensor& cells, bool save) {
@@ -117,9 +122,7 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                               Step{}};
   for (const Step& step : schedule) {
     p.step = step;
-    launch_step(step.rows, s.hidden, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
-      lstm_forward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
-    });
+    launch_step(step.rows, s.hidden, lstm_forward_step_instance<scalar_t>, p);
     if (proj) {
       auto out_rows = output2d.narrow(0, step.offset, step.rows);
       at::mm_out(out_rows, pre_proj.narrow(0, 0, step.rows), w_hr->t());
@@ -136,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   check_cuda_layer(op, input_, s.hidden);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
   const auto acc_options = input.options().dtype(acc_dtype);
 
@@ -219,6 +222,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_backward_step(
   });
 }
 
+template <typename scalar_t>
+constexpr auto lstm_backward_step_instance = [](auto rpt) {  // for launch_step
+  return lstm_backward_step<scalar_t, decltype(rpt)::value>;
+};
+
 // Runs the backward time loop, filling d_gates (and d_proj/pre_proj with a projection); returns the
 // gradient reaching h0, in acc dtype.
 template <typename scalar_t>
@@ -254,9 +262,7 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
       auto dh_pre_rows = dh_pre_proj.narrow(0, 0, step.rows);
       at::mm_out(dh_pre_rows, d_out_rows, *w_hr);
       p.step = step;
-      launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
-        lstm_backward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
-      });
+      launch_step(step.rows, H, lstm_backward_step_instance<scalar_t>, p);
       auto dh_rows = dh_state.narrow(0, 0, step.rows);
       at::mm_out(dh_rows, d_gates.narrow(0, step.offset, step.rows), w_hh);
     }
@@ -276,9 +282,7 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
     p.later_rows = later ? later->prev_rows : 0;
     p.grad_h = grad_out2d.const_data_ptr<scalar_t>() + step.offset * H;
     p.step = step;
-    launch_step(step.rows, H, [&](auto rpt, dim3 grid, dim3 block, cudaStream_t stream) {
-      lstm_backward_step<scalar_t, decltype(rpt)::value><<<grid, block, 0, stream>>>(p);
-    });
+    launch_step(step.rows, H, lstm_backward_step_instance<scalar_t>, p);
   }
   // h0 reaches each row's first step through W_hh only (the kernels zeroed the carry of every active row).
   add_initial_state_grad(carry, d_gates, w_hh, schedule);
@@ -294,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
                                                 w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
   check_cuda_layer(op, input_, s.hidden);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
   const auto cx = cx_.to(acc_dtype).contiguous();
   const auto grad_out2d = grad_output_.to(dtype).contiguous().view({s.rows, s.state});
@@ -324,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gatedrnn, CUDA, m) {
+TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
   m.impl("lstm_forward", &lstm_forward_cuda);
   m.impl("lstm_backward", &lstm_backward_cuda);
 }

@@ -20,12 +20,11 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
+
+#include "platform.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "gatedrnn's CUDA kernels need compute capability 8.0 or newer (bfloat16 tensor cores): set TORCH_CUDA_ARCH_LIST"

@@ -1,0 +1,136 @@
+// CPU emulation of the CUDA features the kernels in csrc/cuda use, for tests on machines without a GPU (see
+// platform.h). Never part of gatedrnn._C: tests/test_cuda_emulated.py compiles lstm.cu and gru.cu with a host
+// compiler and GATEDRNN_EMULATE_CUDA into a separate test library whose ops are torch.ops.gatedrnn_emulated.*.
+//
+// A launch runs the grid's blocks one after another; a block's threads are CPU threads that meet at a
+// barrier in __syncthreads(), and its __shared__ variables are function statics (one block runs at a time).
+// WMMA fragments hold whole tiles in every lane; the warp-collective calls give every lane the same result
+// and only lane 0 stores.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <barrier>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+#define GATEDRNN_CUDA_LIBRARY gatedrnn_emulated
+#define GATEDRNN_CUDA_DISPATCH_KEY CPU
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+
+namespace gatedrnn::cuda {
+namespace emulation {
+
+struct Index {
+  unsigned x, y, z;
+};
+inline thread_local Index thread_index{0, 0, 0};
+inline thread_local Index block_index{0, 0, 0};
+inline std::barrier<>* block_barrier = nullptr;
+
+}  // namespace emulation
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+
+template <typename Params>
+void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, const Params& params) {
+  const unsigned threads = block.x * block.y * block.z;
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> barrier(threads);
+        emulation::block_barrier = &barrier;
+        std::vector<std::thread> workers;
+        workers.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t) {
+          workers.emplace_back([&, t, bx, by, bz] {
+            emulation::thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            emulation::block_index = {bx, by, bz};
+            kernel(params);
+          });
+        }
+        for (auto& worker : workers) worker.join();
+      }
+    }
+  }
+}
+
+}  // namespace gatedrnn::cuda
+
+#define threadIdx (::gatedrnn::cuda::emulation::thread_index)
+#define blockIdx (::gatedrnn::cuda::emulation::block_index)
+
+inline void __syncthreads() { gatedrnn::cuda::emulation::block_barrier->arrive_and_wait(); }
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  T x[rows * cols];
+};
+
+template <int M, int N, int K>
+inline void fill_fragment(fragment<accumulator, M, N, K, float>& f, float value) {
+  for (auto& v : f.x) v = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::rows; ++r) {
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[r * ldm + c];
+  }
+}
+
+template <int M, int N, int K, typename T>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, row_major>& a,
+                     const fragment<matrix_b, M, N, K, T, row_major>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) {
+      float sum = c.x[m * N + n];
+      for (int k = 0; k < K; ++k) sum += static_cast<float>(a.x[m * K + k]) * static_cast<float>(b.x[k * N + n]);
+      d.x[m * N + n] = sum;
+    }
+  }
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t) {
+  if (threadIdx.x != 0) return;  // every lane holds the same tile
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) p[m * ldm + n] = f.x[m * N + n];
+  }
+}
+
+}  // namespace nvcuda::wmma

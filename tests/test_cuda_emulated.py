@@ -1,0 +1,143 @@
+"""The CUDA sources, run on the CPU: csrc/cuda/lstm.cu and gru.cu compiled by the host compiler against
+csrc/cuda/emulation.h (each kernel launch runs the kernel's blocks and threads as CPU threads, with real
+barriers for __syncthreads) into a test library, torch.ops.gatedrnn_emulated. Its ops must give what the CPU
+ops give (those are proven against torch.nn in test_parity): this checks the CUDA code's indexing, packed and
+reverse schedules, block tiling (several row blocks and unit tiles, ragged edges, every rows-per-thread
+shape), K chunking, the backward carry and the tensor-core path's data flow, without a GPU. It cannot check
+the GPU's memory model, the tensor cores' fragment layouts or speed: tests/test_cuda.py does, on a GPU."""
+import itertools
+import pathlib
+
+import pytest
+import torch
+from torch.utils.cpp_extension import load
+
+import gatedrnn  # noqa: F401  (torch.ops.gatedrnn: the CPU ops, the oracle here)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+T, I = 6, 5
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    sources = [ROOT / "tests" / "cuda_emulation" / name for name in ("library.cpp", "lstm.cpp", "gru.cpp")]
+    load("gatedrnn_emulated", [str(s) for s in sources], extra_cflags=["-O1", "-g0", "-Wno-unused-parameter"],
+         is_python_module=False)
+    return torch.ops.gatedrnn_emulated
+
+
+def batch_sizes_for(lengths):
+    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(max(lengths))], dtype=torch.int64)
+
+
+def make_args(mode, batch, hidden, packed, bias, proj, dtype, seed=0):
+    """Arguments of the forward op (without reverse and save_for_backward), in float64 then cast."""
+    g = torch.Generator().manual_seed(seed)
+    gates = 4 if mode == "LSTM" else 3
+    state = proj or hidden
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    if packed:
+        lengths = sorted([T] + [1 + (3 * k) % T for k in range(1, batch)], reverse=True)
+        batch_sizes = batch_sizes_for(lengths)
+        x = randn(int(batch_sizes.sum()), I)
+    else:
+        batch_sizes, x = None, randn(T, batch, I)
+    h0 = randn(batch, state)
+    w_ih, w_hh = randn(gates * hidden, I, scale=0.5), randn(gates * hidden, state, scale=0.3)
+    b_ih, b_hh = (randn(gates * hidden), randn(gates * hidden)) if bias else (None, None)
+    if mode == "GRU":
+        return [x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh]
+    w_hr = randn(proj, hidden, scale=0.3) if proj else None
+    return [x, batch_sizes, h0, randn(batch, hidden), w_ih, w_hh, b_ih, b_hh, w_hr]
+
+
+def run_both(ops, mode, args, reverse, mask=(True, True, True), seed=1):
+    """Forward outputs and backward gradients of one op library."""
+    if mode == "LSTM":
+        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        out, hy, cy, gates, cells = ops.lstm_forward(*args, reverse, True)
+        g = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy, cy)]
+        backward = ops.lstm_backward(*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, reverse,
+                                     list(mask))
+        return [out, hy, cy, gates, cells], list(backward)
+    x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = args
+    out, hy, saved = ops.gru_forward(*args, reverse, True)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy)]
+    backward = ops.gru_backward(*grads, x, batch_sizes, h0, w_ih, w_hh, out, saved, reverse, list(mask))
+    return [out, hy, saved], list(backward)
+
+
+def _configs():
+    for mode, packed, reverse, bias, proj in itertools.product(["LSTM", "GRU"], [False, True], [False, True],
+                                                                [True, False], [0, 20]):
+        if mode == "GRU" and proj:
+            continue
+        yield mode, packed, reverse, bias, proj
+
+
+def _id(config):
+    mode, packed, reverse, bias, proj = config
+    return (f"{mode}-{'packed' if packed else 'dense'}-{'rev' if reverse else 'fwd'}-"
+            f"{'bias' if bias else 'nobias'}" + (f"-proj{proj}" if proj else ""))
+
+
+# Batch sizes 3, 12 and 40 take the 1, 2 and 4 rows-per-thread kernels (40: two row blocks); hidden 40 makes
+# two unit tiles, the second ragged, and a K loop of two chunks, the second ragged.
+@pytest.mark.parametrize("batch", [3, 12, 40])
+@pytest.mark.parametrize("config", list(_configs()), ids=_id)
+def test_float64_matches_cpu_ops(emulated, config, batch):
+    mode, packed, reverse, bias, proj = config
+    args = make_args(mode, batch, 40, packed, bias, proj, torch.float64)
+    expected = run_both(torch.ops.gatedrnn, mode, args, reverse)
+    actual = run_both(emulated, mode, args, reverse)
+    for part, (a_list, e_list) in zip(("forward", "backward"), zip(actual, expected)):
+        for k, (a, e) in enumerate(zip(a_list, e_list)):
+            assert a.dtype == e.dtype and a.shape == e.shape, (part, k)
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10, msg=lambda m: f"{part} output {k}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mask", [(False, True, False), (True, False, True), (False, False, False)], ids=str)
+def test_output_mask(emulated, mode, mask):
+    args = make_args(mode, 12, 40, True, True, 0, torch.float64)
+    expected = run_both(torch.ops.gatedrnn, mode, args, True, mask)[1]
+    actual = run_both(emulated, mode, args, True, mask)[1]
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode,proj", [("LSTM", 0), ("LSTM", 20), ("GRU", 0)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)],
+                         ids=["float32", "bfloat16", "float16"])
+def test_low_precision_against_float64(emulated, mode, proj, dtype, bound):
+    """float32 (FMA) and float16/bfloat16 (the tensor-core path, emulated): every output and gradient within
+    the dtype's resolution of the float64 answer, relative to each tensor's largest magnitude."""
+    exact_args = make_args(mode, 40, 40, True, True, proj, torch.float64)
+    exact = run_both(torch.ops.gatedrnn, mode, exact_args, False)
+    args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in exact_args]
+    actual = run_both(emulated, mode, args, False)
+    saved_dtype = torch.float32 if dtype != torch.float32 else dtype
+    for part, (a_list, e_list) in zip(("forward", "backward"), zip(actual, exact)):
+        for k, (a, e) in enumerate(zip(a_list, e_list)):
+            if e.numel() == 0:
+                continue
+            saved = part == "forward" and k >= (3 if mode == "LSTM" else 2)
+            assert a.dtype == (saved_dtype if saved else dtype), (part, k)
+            error = ((a.double() - e).abs().max() / e.abs().max()).item()
+            assert error < bound, (part, k, error)
+
+
+def test_hidden_size_beyond_the_largest_grid_is_refused(emulated):
+    """A hidden_size with more unit tiles than a grid dimension holds is refused with a message before anything
+    is allocated or launched (the weights here are expanded views of one element)."""
+    hidden = 65535 * 32 + 1
+    x, h0 = torch.randn(2, 1, 1), torch.zeros(1, hidden)
+    w_ih, w_hh = torch.empty(1, 1).expand(3 * hidden, 1), torch.empty(1, 1).expand(3 * hidden, hidden)
+    with pytest.raises(RuntimeError, match="hidden_size 2097121 is too large for the CUDA kernels"):
+        emulated.gru_forward(x, None, h0, w_ih, w_hh, None, None, False, False)
