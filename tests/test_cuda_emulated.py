@@ -6,6 +6,7 @@ reverse schedules, block tiling (several row blocks and unit tiles, ragged edges
 shape), K chunking, the backward carry and the tensor-core path's data flow, without a GPU. It cannot check
 the GPU's memory model, the tensor cores' fragment layouts or speed: tests/test_cuda.py does, on a GPU."""
 import itertools
+import os
 import pathlib
 
 import pytest
@@ -21,8 +22,11 @@ T, I = 6, 5
 @pytest.fixture(scope="module")
 def emulated():
     sources = [ROOT / "tests" / "cuda_emulation" / name for name in ("library.cpp", "lstm.cpp", "gru.cpp")]
-    load("gatedrnn_emulated", [str(s) for s in sources], extra_cflags=["-O1", "-g0", "-Wno-unused-parameter"],
-         is_python_module=False)
+    name, flags, ldflags = "gatedrnn_emulated", ["-O1", "-g0", "-Wno-unused-parameter"], []
+    if os.environ.get("GATEDRNN_SANITIZE") == "1":  # .ci/sanitize: out-of-bounds indexing in a kernel is fatal
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        name, flags, ldflags = name + "_sanitized", ["-O1", "-g", "-Wno-unused-parameter"] + sanitize, sanitize
+    load(name, [str(s) for s in sources], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False)
     return torch.ops.gatedrnn_emulated
 
 
