@@ -50,6 +50,12 @@ def _cudnn_disabled(name):
     return name == "torch.nn no-cuDNN"
 
 
+def _cudnn_flags(name):
+    """cuDNN on or off for this implementation, and never TF32: cuDNN's float32 RNNs may use it by default,
+    gatedrnn's per-step kernels never do, so float32 is compared (and timed) as IEEE float32 on both sides."""
+    return torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name), allow_tf32=False)
+
+
 def make_modules(case, device, names):
     torch.manual_seed(0)
     kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
@@ -85,7 +91,7 @@ def make_step(case, name, module, x, leaf):
     """One timed call: inference under no_grad, or forward + backward of the output's sum."""
 
     def run():
-        with torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name)):
+        with _cudnn_flags(name):
             if case.training:
                 module.zero_grad(set_to_none=True)
                 leaf.grad = None
@@ -102,7 +108,7 @@ def max_relative_difference(modules, x, leaf, case):
     torch.nn's, over torch.nn's max |value|."""
     answers = {}
     for name, module in modules.items():
-        with torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name)), torch.set_grad_enabled(case.training):
+        with _cudnn_flags(name), torch.set_grad_enabled(case.training):
             output = _output_tensor(module(x))
             values = [output.detach().float()]
             if case.training:

@@ -134,6 +134,12 @@ __device__ __forceinline__ void tile_matmul_mma(TileStorage<scalar_t, NG, RPT>& 
   constexpr int kTilesM = Storage::kRows / kM, kTilesN = Storage::kWidth / kN;
   constexpr int kFragments = kTilesM * kTilesN;
   constexpr int kPerWarp = (kFragments + kRowGroups - 1) / kRowGroups;
+  // WMMA loads and stores need 32-byte aligned pointers and leading dimensions that are multiples of 16
+  // bytes; the storage is 128-byte aligned and every fragment offset below is a multiple of these.
+  static_assert(sizeof(s.in.w) % 32 == 0 && (kM * kChunk * sizeof(T)) % 32 == 0 && (kK * sizeof(T)) % 32 == 0);
+  static_assert((kK * Storage::kWidth * sizeof(T)) % 32 == 0 && (kN * sizeof(T)) % 32 == 0);
+  static_assert((kM * Storage::kWidth * sizeof(float)) % 32 == 0 && (Storage::kWidth * sizeof(T)) % 16 == 0);
+  static_assert(Storage::kRows % kM == 0 && Storage::kWidth % kN == 0 && kChunk % kK == 0);
   const int warp = threadIdx.y;  // blockDim.x is one warp
 
   wmma::fragment<wmma::accumulator, kM, kN, kK, float> c[kPerWarp];
