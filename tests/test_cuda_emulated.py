@@ -14,6 +14,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 import gatedrnn  # noqa: F401  (torch.ops.gatedrnn: the CPU ops, the oracle here)
+from gatedrnn import _ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 T, I = 6, 5
@@ -27,6 +28,10 @@ def emulated():
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         name, flags, ldflags = name + "_sanitized", ["-O1", "-g", "-Wno-unused-parameter"] + sanitize, sanitize
     load(name, [str(s) for s in sources], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False)
+    # The package's fake kernels describe these ops too (same schemas), so that opcheck can run on them.
+    for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn_emulated::{op}", "Meta"):
+            torch.library.register_fake(f"gatedrnn_emulated::{op}")(getattr(_ops, f"_{op}_fake"))
     return torch.ops.gatedrnn_emulated
 
 
@@ -135,6 +140,31 @@ def test_low_precision_against_float64(emulated, mode, proj, dtype, bound):
             assert a.dtype == (saved_dtype if saved else dtype), (part, k)
             error = ((a.double() - e).abs().max() / e.abs().max()).item()
             assert error < bound, (part, k, error)
+
+
+@pytest.mark.parametrize("config", [c for c in _configs() if c[3]], ids=_id)
+def test_opcheck(emulated, config):
+    """torch.library.opcheck on the CUDA code: no input is mutated, and the outputs' shapes, dtypes and
+    strides are what the fake kernels (torch.compile's view of the ops) say, for forward and backward."""
+    mode, packed, reverse, bias, proj = config
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = make_args(mode, 12, 40, packed, bias, proj, torch.float32)
+    if mode == "LSTM":
+        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        for save in (False, True):
+            torch.library.opcheck(emulated.lstm_forward, (*args, reverse, save), test_utils=utils)
+        out, hy, cy, gates, cells = emulated.lstm_forward(*args, reverse, True)
+        grads = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy))
+        torch.library.opcheck(emulated.lstm_backward, (*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates,
+                                                       cells, reverse, [True, True, True]), test_utils=utils)
+    else:
+        x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = args
+        for save in (False, True):
+            torch.library.opcheck(emulated.gru_forward, (*args, reverse, save), test_utils=utils)
+        out, hy, saved = emulated.gru_forward(*args, reverse, True)
+        grads = (torch.randn_like(out), torch.randn_like(hy))
+        torch.library.opcheck(emulated.gru_backward, (*grads, x, batch_sizes, h0, w_ih, w_hh, out, saved, reverse,
+                                                      [True, False, True]), test_utils=utils)
 
 
 def test_hidden_size_beyond_the_largest_grid_is_refused(emulated):
