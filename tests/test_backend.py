@@ -65,7 +65,7 @@ def test_backend_info():
     assert info["cuda"] == registered
 
 
-@pytest.mark.parametrize("op", ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward"])
+@pytest.mark.parametrize("op", gatedrnn._extension.OPS)
 def test_every_op_has_a_cuda_kernel_in_a_cuda_build(op):
     """Checked on the CPU: the dispatcher holds a CUDA kernel for each op of a CUDA build (and none
     otherwise), so CUDA tensors never reach a missing or composite implementation."""

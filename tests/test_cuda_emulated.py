@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import load
 
-import gatedrnn  # noqa: F401  (torch.ops.gatedrnn: the CPU ops, the oracle here)
+import gatedrnn  # torch.ops.gatedrnn: the CPU ops, the oracle here
 from gatedrnn import _ops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def emulated():
         name, flags, ldflags = name + "_sanitized", ["-O1", "-g", "-Wno-unused-parameter"] + sanitize, sanitize
     load(name, [str(s) for s in sources], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False)
     # The package's fake kernels describe these ops too (same schemas), so that opcheck can run on them.
-    for op in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"):
+    for op in gatedrnn._extension.OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn_emulated::{op}", "Meta"):
             torch.library.register_fake(f"gatedrnn_emulated::{op}")(getattr(_ops, f"_{op}_fake"))
     return torch.ops.gatedrnn_emulated

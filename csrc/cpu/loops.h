@@ -9,7 +9,6 @@
 #include <cstring>
 #include <vector>
 
-
 namespace gatedrnn::cpu {
 
 // Storage dtypes without a fast CPU GEMM of their own (bfloat16, float16) are computed in float32:
@@ -24,7 +23,6 @@ inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t, 
   if (!t.has_value()) return std::nullopt;
   return to_compute(*t, dtype);
 }
-
 
 // The fused per-step passes are written as loops over a contiguous span of hidden units of one batch row,
 // so that the compiler vectorises them (GATEDRNN_IVDEP: the row pointers never overlap; the build passes

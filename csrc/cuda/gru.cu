@@ -227,9 +227,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     p.hidden = H;
     for (size_t k = schedule.size(); k-- > 0;) {
       const Step& step = schedule[k];
-      const Step* later = k + 1 < schedule.size() ? &schedule[k + 1] : nullptr;
-      p.later_grads = later ? p.d_gates + later->offset * kSaved * H : nullptr;
-      p.later_rows = later ? later->prev_rows : 0;
+      const LaterStep later = later_step(schedule, k);
+      p.later_grads = p.d_gates + later.offset * kSaved * H;
+      p.later_rows = later.rows;
       p.step = step;
       launch_step(step.rows, H, gru_backward_step_instance<scalar_t>, p);
     }

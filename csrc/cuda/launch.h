@@ -25,8 +25,8 @@ inline at::Tensor forward_weight_tiles(const at::Tensor& w_hh, int64_t gates, in
   return w.view({gates, tiles, kTileUnits, R}).permute({1, 3, 0, 2}).contiguous();
 }
 
-// The first `rows_used` rows of W_hh, transposed, as the backward kernels read them (dh_{t-1} = dG_t @ W_hh,
-// block tiles over the columns of W_hh): [ceil(R/J)][rows_used][J], columns past R zero.
+// W_hh [K, R], transposed, as the backward kernels read it (dh_{t-1} = dG_t @ W_hh, block tiles over the
+// columns of W_hh): [ceil(R/J)][K][J], columns past R zero.
 inline at::Tensor backward_weight_tiles(const at::Tensor& w_hh) {
   const int64_t K = w_hh.size(0), R = w_hh.size(1), tiles = ceil_div(R, kTileUnits), padded = tiles * kTileUnits;
   auto w = w_hh.contiguous();
@@ -77,6 +77,18 @@ void launch_step(int64_t rows, int64_t units, const ChooseKernel& choose_kernel,
   } else {
     launch_kernel(choose_kernel(std::integral_constant<int, 4>{}), grid, block, params);
   }
+}
+
+// In backward order, step k's kernel also computes dG @ W_hh for the step processed just after it (in
+// forward order): that step's first packed row, and how many of step k's rows fed it (its prev_rows; none
+// after the last step).
+struct LaterStep {
+  int64_t offset = 0, rows = 0;
+};
+
+inline LaterStep later_step(const std::vector<Step>& schedule, size_t k) {
+  if (k + 1 >= schedule.size()) return {};
+  return {schedule[k + 1].offset, schedule[k + 1].prev_rows};
 }
 
 // Adds to grad_h0 the gradient reaching h0 through W_hh: each row's first step (processing order) is the

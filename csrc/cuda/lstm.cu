@@ -272,14 +272,13 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
   const auto w_tiles = backward_weight_tiles(w_hh);
   auto carry = grad_hy.to(acc_dtype, false, true).contiguous();
   p.w_tiles = w_tiles.const_data_ptr<scalar_t>();
-  p.grad_h = grad_out2d.const_data_ptr<scalar_t>();
   p.grad_h_stride = H;
   p.carry = carry.data_ptr<acc_t>();
   for (size_t k = schedule.size(); k-- > 0;) {
     const Step& step = schedule[k];
-    const Step* later = k + 1 < schedule.size() ? &schedule[k + 1] : nullptr;
-    p.later_grads = later ? p.d_gates + later->offset * G : nullptr;
-    p.later_rows = later ? later->prev_rows : 0;
+    const LaterStep later = later_step(schedule, k);
+    p.later_grads = p.d_gates + later.offset * G;
+    p.later_rows = later.rows;
     p.grad_h = grad_out2d.const_data_ptr<scalar_t>() + step.offset * H;
     p.step = step;
     launch_step(step.rows, H, lstm_backward_step_instance<scalar_t>, p);
