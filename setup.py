@@ -87,7 +87,12 @@ def main():
     # torch chooses the C++ standard (C++20). -fno-trapping-math and -fno-math-errno (as torch itself is
     # built) let GCC vectorise the fused CPU loops, whose selects it otherwise will not if-convert.
     cxx_flags = opt + ["-Wall", "-Wno-unused-parameter", "-fno-trapping-math", "-fno-math-errno"]
-    link_flags = []
+    # The CPU tile kernels (csrc/cpu/tiles.h): GCC vector types whose `acc += a * w` must be one FMA
+    # (-ffp-contract=fast; ISO C++ mode turns contraction off), compiled per instruction set (-Wno-psabi: GCC
+    # notes that AVX-512 vector types change the ABI, which no function of ours passes them across), run by a
+    # team of torch's OpenMP threads (-fopenmp links libgomp.so.1, which resolves to the one torch loaded).
+    cxx_flags += ["-ffp-contract=fast", "-Wno-psabi", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if os.environ.get("GATEDRNN_SANITIZE") == "1":
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         cxx_flags = ["-O1", "-g"] + sanitize + cxx_flags[2:]

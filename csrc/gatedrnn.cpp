@@ -2,8 +2,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/blas.h"
+#include "cpu/counters.h"
 #include "cpu/loops.h"
+#include "cpu/team.h"
 #include "schemas.h"
 
 TORCH_LIBRARY(gatedrnn, m) { gatedrnn::define_ops(m); }
@@ -27,12 +28,37 @@ PyObject* build_info(PyObject*, PyObject*) {
   const char* cuda_archs = "";
   const int cuda_runtime = 0;
 #endif
-  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime", cuda_runtime,
-                       "cpu_gemm", gatedrnn::cpu::gemm_path_name(), "cpu_isa", gatedrnn::cpu::cpu_isa_name());
+#ifdef _OPENMP
+  const char* cpu_threads = "openmp";
+#else
+  const char* cpu_threads = "single";
+#endif
+  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s,s:i}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime",
+                       cuda_runtime, "cpu_isa", gatedrnn::cpu::cpu_isa_name(), "cpu_threads", cpu_threads,
+                       "cpu_team_size", gatedrnn::cpu::team_size());
+}
+
+// {kernel label: calls} of the CPU tile kernels (csrc/cpu/counters.h), summed over dtypes.
+PyObject* kernel_calls(PyObject*, PyObject*) {
+  PyObject* calls = PyDict_New();
+  if (!calls) return nullptr;
+  for (auto* c = gatedrnn::cpu::KernelCounter::head(); c; c = c->next) {
+    PyObject* previous = PyDict_GetItemString(calls, c->name);  // borrowed
+    const long long total = (previous ? PyLong_AsLongLong(previous) : 0) + c->calls.load();
+    PyObject* value = PyLong_FromLongLong(total);
+    if (!value || PyDict_SetItemString(calls, c->name, value) < 0) {
+      Py_XDECREF(value);
+      Py_DECREF(calls);
+      return nullptr;
+    }
+    Py_DECREF(value);
+  }
+  return calls;
 }
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What the extension was compiled with."},
+    {"kernel_calls", kernel_calls, METH_NOARGS, "Calls of each CPU tile kernel so far, by kernel."},
     {nullptr, nullptr, 0, nullptr},
 };
 

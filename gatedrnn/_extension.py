@@ -21,9 +21,10 @@ def backend_info():
 
     Returns a dict: ``cpu`` (True when every op has a CPU kernel), ``cuda`` (True when every op has a CUDA
     kernel), ``cuda_compiled`` (the CUDA sources were built), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST
-    they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_gemm`` (how the
-    CPU time loops call GEMM: "mkl-packed", "blas" or "aten"; see csrc/cpu/blas.h), ``cpu_isa`` (which
-    compiled variant of the fused CPU passes runs: "avx512", "avx2" or "baseline"), ``library``
+    they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_isa`` (which
+    compiled variant of the fused CPU tile kernels runs: "avx512", "avx2" or "baseline"; GATEDRNN_CPU_ISA caps
+    it), ``cpu_threads`` ("openmp": a team of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size``
+    (threads in a team started now from this thread), ``library``
     (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
@@ -37,8 +38,17 @@ def backend_info():
         "cuda_compiled": build["cuda"],
         "cuda_archs": build["cuda_archs"],
         "cuda_runtime": build["cuda_runtime"],
-        "cpu_gemm": build["cpu_gemm"],
         "cpu_isa": build["cpu_isa"],
+        "cpu_threads": build["cpu_threads"],
+        "cpu_team_size": build["cpu_team_size"],
         "library": _C.__file__,
         "torch": torch.__version__,
     }
+
+
+def kernel_calls():
+    """How often each CPU tile kernel has run in this process: {label: calls}, where one call is one thread's
+    share of one step (or of one chunk's input projection). Labels: lstm_forward_step, lstm_backward_step,
+    lstm_input_projection, lstm_projection, lstm_backward_projection, gru_forward_step, gru_backward_step,
+    gru_input_projection. The tests read it to prove the fused step kernels ran."""
+    return dict(_C.kernel_calls())

@@ -1,6 +1,6 @@
-"""Every compiled variant of the CPU path gives torch.nn's answers: each instruction-set version of the fused
-passes (GATEDRNN_CPU_ISA) and each way of calling GEMM (GATEDRNN_CPU_GEMM). Both are chosen once per
-process, so each variant runs in a subprocess."""
+"""Every compiled variant of the CPU path gives torch.nn's answers: each instruction-set version of the tile
+kernels (GATEDRNN_CPU_ISA, which also sets the tiles' width), and teams of 1, 2 and 3 threads (uneven shares
+of tiles and rows). Both are chosen per process, so each variant runs in a subprocess."""
 import json
 import os
 import subprocess
@@ -11,7 +11,9 @@ import pytest
 import gatedrnn
 
 CHECK = r"""
-import json, torch, gatedrnn
+import json, os, torch, gatedrnn
+if "TEST_THREADS" in os.environ:  # more threads than cores is allowed: it tests uneven shares
+    torch.set_num_threads(int(os.environ["TEST_THREADS"]))
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 worst = {}
@@ -59,12 +61,9 @@ def test_each_instruction_set_variant(isa):
         assert err < atol, (case, err)
 
 
-@pytest.mark.parametrize("path", ["aten", "default"])
-def test_each_gemm_path(path):
-    report = run_variant({"GATEDRNN_CPU_GEMM": "aten"} if path == "aten" else {})
-    if path == "aten":
-        assert report["info"]["cpu_gemm"] == "aten"
-    else:
-        assert report["info"]["cpu_gemm"] == gatedrnn.backend_info()["cpu_gemm"]
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_each_team_size(threads):
+    report = run_variant({"TEST_THREADS": str(threads)})
+    assert report["info"]["cpu_team_size"] == threads
     for case, (err, atol) in report["worst"].items():
         assert err < atol, (case, err)

@@ -1,11 +1,12 @@
 // GRU on the CPU: one layer and direction over the whole sequence.
 //
-// Forward: the input projection of every step is one GEMM before the loop; each step is one GEMM for all
-// three gates (h_{t-1} @ W_hh^T) and one fused parallel pass that adds the biases (b_hh's n part on the
-// recurrent side, since n needs r * (W_hn h + b_hn)), applies the activations, updates h and, when
-// training, overwrites the projection in place with what backward needs. Backward: per step one fused pass
-// and one GEMM for dh_{t-1}; weight, bias and input gradients are single GEMMs/reductions after the loop.
-// Nothing is allocated inside a loop.
+// Forward, for each chunk of steps (products.h): the input projection of the chunk's rows, then each step as
+// one set of fused tiles: a tile computes h_{t-1} @ W_hh^T for the three gates of L hidden units and up to
+// MR batch rows in registers, adds the biases (b_hh's n part on the recurrent side, since n needs
+// r * (W_hn h + b_hn)), applies the activations and updates h; when training it overwrites the projection in
+// place with what backward needs. Backward: a tile computes [dr, dz, dhn]_{t+1} @ W_hh for 4L hidden units
+// and runs step t's derivative on it; a per-(row, unit) carry holds the direct part dh * z. Weight, bias and
+// input gradients are single GEMMs/reductions after the loop. One team of threads runs a whole loop.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,8 +17,10 @@
 #include "../checks.h"
 #include "../layer_grads.h"
 #include "../sequence.h"
-#include "blas.h"
 #include "loops.h"
+#include "products.h"
+#include "team.h"
+#include "tiles.h"
 #include "workspace.h"
 
 namespace gatedrnn::cpu {
@@ -29,79 +32,128 @@ using OptTensor = std::optional<at::Tensor>;
 constexpr int64_t kGates = 3;
 constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 
-// ------------------------------------------------------------------------------------------- forward
-// One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
-struct ForwardStep {
-  // [N, 3H] in rows of `proj_stride`: x @ W_ih^T. When saving, these are
-  // the first 3H columns of the [N, 4H] saved buffer and the pass overwrites them with r, z, n in place.
+using GruInputTiles = InputTiles<T, kGates>;
+GATEDRNN_TILE_KERNELS(run_input_tiles, GruInputTiles, "gru_input_projection")
+
+// ------------------------------------------------------------------------------------------- forward
+// One forward step over GateMajor tiles: h_{t-1} @ W_hh^T for the three gates of L units, then the cell.
+template <typename T>
+struct ForwardTiles {
+  using scalar = T;
+  static constexpr int kGroups = kGates;
+  const T* panels;
+  int64_t panel_size, k;  // k = H
+  const T* h0;            // [B, H]
+  T* output;              // [N, H]: h_{t-1} of the previous step's rows; h_t out
+  // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride. When saving these are
+  // the first 3H columns of the [N, 4H] saved buffer, and the epilogue overwrites them with r, z, n, hn.
   T* input_proj;
-  const T* recurrent;   // [B, 3H]: h_{t-1} @ W_hh^T
+  int64_t proj_row0, proj_stride;
   const T* bias_input;  // [3H]: b_ih + (b_hh's r and z parts, which enter the gates like b_ih), or null
   const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
-  T* h_state;           // [B, H]: h_{t-1} in, h_t out
-  T* output;            // [N, H]
+  T* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
   bool save;
-  int64_t hidden, proj_stride, offset;
-};
+  int64_t hidden, rows;
+  Step step;
 
-template <typename T, bool kSave, bool kBias>
-GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = s.hidden, row = s.offset + b;
-  T* gi = s.input_proj + row * s.proj_stride;
-  const T* gh = s.recurrent + b * kGates * H;
-  T* h = s.h_state + b * H;
-  T* out = s.output + row * H;
-  GATEDRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    T in[kGates];
-    for (int64_t k = 0; k < kGates; ++k) in[k] = gi[k * H + j] + (kBias ? s.bias_input[k * H + j] : T(0));
-    const T gh_n = kBias ? gh[2 * H + j] + s.bias_hn[j] : gh[2 * H + j];
-    const auto a = gru_activate<T>(in[0], in[1], in[2], gh[j], gh[H + j], gh_n);
-    const T h_new = gru_hidden(a, h[j]);
-    h[j] = h_new;
-    out[j] = h_new;
-    if constexpr (kSave) {  // gi is this row of the saved buffer: [r, z, n, hn]
-      store_gates(gi, H, j, a.r, a.z, a.n, a.hn);
+  const T* a_row(int64_t b) const {
+    return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
+  }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L, bool kSave, bool kBias>
+  GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
+    const int64_t H = hidden, row = step.offset + b;
+    T* gi = input_proj + (row - proj_row0) * proj_stride + j0;
+    const T* h = a_row(b) + j0;
+    T* out = output + row * H + j0;
+    T* hs = h_state + b * H + j0;
+    GATEDRNN_IVDEP
+    for (int64_t l = 0; l < width; ++l) {
+      T in[kGates];
+      for (int64_t q = 0; q < kGates; ++q) in[q] = gi[q * H + l] + (kBias ? bias_input[q * H + j0 + l] : T(0));
+      const T gh_n = kBias ? acc[2 * L + l] + bias_hn[j0 + l] : acc[2 * L + l];
+      const auto a = gru_activate<T>(in[0], in[1], in[2], acc[l], acc[L + l], gh_n);
+      const T h_new = gru_hidden(a, h[l]);
+      out[l] = h_new;
+      hs[l] = h_new;
+      if constexpr (kSave) store_gates(gi, H, l, a.r, a.z, a.n, a.hn);  // this row of the saved buffer
     }
   }
-}
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* a = acc + r * kGates * L;
+      if (bias_hn) {
+        save ? cell<L, true, true>(a, b0 + r, j0, width) : cell<L, false, true>(a, b0 + r, j0, width);
+      } else {
+        save ? cell<L, true, false>(a, b0 + r, j0, width) : cell<L, false, false>(a, b0 + r, j0, width);
+      }
+    }
+  }
+};
+
+GATEDRNN_TILE_KERNELS(run_forward_tiles, ForwardTiles, "gru_forward_step")
 
 template <typename T>
-GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  if (s.bias_hn) {
-    s.save ? forward_span<T, true, true>(s, b, j0, j1) : forward_span<T, false, true>(s, b, j0, j1);
-  } else {
-    s.save ? forward_span<T, true, false>(s, b, j0, j1) : forward_span<T, false, false>(s, b, j0, j1);
+void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
+                      const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, Tensor& saved,
+                      Tensor& output2d, Tensor& hy, bool save) {
+  const int64_t H = s.hidden, G = kGates * H, L = tile_lanes<T>();
+  const auto ih = pack_tiles(w_ih, kGates, L, Columns::GateMajor);
+  const auto hh = pack_tiles(w_hh, kGates, L, Columns::GateMajor);
+  const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
+  const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
+  if (!save) {  // inference: a projection buffer of one chunk
+    int64_t most = 0;
+    for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
+    saved = scratch_tensor(Scratch::Gates, {most, G}, x2d.options());
   }
-}
+  // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = hy.clone();
+  const int64_t stride = saved.stride(0);
 
-GATEDRNN_SPAN_KERNELS(run_forward_span, ForwardStep, forward_span_any)
+  GruInputTiles<T> input{x2d.const_data_ptr<T>(), ih.const_data_ptr<T>(), ih.stride(0), s.input_size, nullptr,
+                         stride, H, 0, 0};
+  ForwardTiles<T> cell{hh.const_data_ptr<T>(),
+                       hh.stride(0),
+                       H,
+                       h0.const_data_ptr<T>(),
+                       output2d.data_ptr<T>(),
+                       saved.data_ptr<T>(),
+                       0,
+                       stride,
+                       bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
+                       b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
+                       hy.data_ptr<T>(),
+                       save,
+                       H,
+                       0,
+                       Step{}};
 
-template <typename scalar_t>
-void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& input_proj,
-                      const OptTensor& bias_input, Tensor& output2d, Tensor& hy, const Tensor& w_hh,
-                      const OptTensor& b_hh, bool save) {
-  const int64_t H = s.hidden, G = kGates * H;
-  auto recurrent = at::empty({s.batch, G}, output2d.options());
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch, s.steps);
-  scalar_t* h_state = hy.data_ptr<scalar_t>();
-  ForwardStep<scalar_t> args{input_proj.data_ptr<scalar_t>(),
-                             recurrent.const_data_ptr<scalar_t>(),
-                             bias_input.has_value() ? bias_input->const_data_ptr<scalar_t>() : nullptr,
-                             b_hh.has_value() ? b_hh->const_data_ptr<scalar_t>() + 2 * H : nullptr,
-                             h_state,
-                             output2d.data_ptr<scalar_t>(),
-                             save,
-                             H,
-                             input_proj.stride(0),
-                             0};
-  for (const auto& step : schedule) {
-    // h_state holds h_{t-1} of every active row (see lstm.cpp).
-    recurrent_gemm.run(h_state, step.rows, recurrent.data_ptr<scalar_t>(), /*accumulate=*/false);
-    args.offset = step.offset;
-    for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
-  }
+  run_team([&](const Team& team) {
+    auto in = input;
+    auto st = cell;
+    for (const Chunk& chunk : chunks) {
+      in.row0 = chunk.row_begin;
+      in.rows = chunk.row_end - chunk.row_begin;
+      st.proj_row0 = save ? 0 : chunk.row_begin;
+      in.out = st.input_proj + (chunk.row_begin - st.proj_row0) * stride;
+      auto share = share_of(tile_items(in, unit_tiles), team.tid, team.threads);
+      run_input_tiles(in, share.begin, share.end);
+      team.barrier();
+      for (size_t k = chunk.first; k < chunk.last; ++k) {
+        st.step = schedule[k];
+        st.rows = st.step.rows;
+        share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+        run_forward_tiles(st, share.begin, share.end);
+        team.barrier();
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
@@ -116,12 +168,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto hy = hx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  // When saving, the projection is written straight into the saved buffer (one allocation, no copy). The
-  // biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 3H first.
-  auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options())
-                    : scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
-  auto input_proj = saved.narrow(1, 0, kGates * s.hidden);
-  at::mm_out(input_proj, x2d, w_ih.t());
+  // When saving, the projection is written straight into the saved buffer, whose rows the step's epilogue
+  // then overwrites with r, z, n, hn.
+  auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options()) : Tensor();
   OptTensor bias_input;
   if (b_ih.has_value()) {
     // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r.
@@ -131,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-    gru_forward_loop<scalar_t>(schedule, s, input_proj, bias_input, output2d, hy, w_hh, b_hh, save);
+    gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy, save);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -147,62 +196,85 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
 // side's [dr, dz, dn] are columns 0..2H and 3H..4H.
 constexpr int64_t kGradCols = 4;
 
+// One backward step over Contiguous tiles of 4L hidden units: dh_t = grad_output + carry + [dr, dz,
+// dhn]_{t+1} @ W_hh, then step t's derivative; the carry becomes the direct part dh_t * z reaching h_{t-1}.
 template <typename T>
-struct BackwardStep {
+struct BackwardTiles {
+  using scalar = T;
+  static constexpr int kGroups = 4;
+  const T* panels;
+  int64_t panel_size, k;
+  LaterRows<T> later;
   const T* saved;        // [N, 4H]: r, z, n, hn
   const T* output;       // [N, H]: h_t of every packed row (h_{t-1} of the next step)
   const T* h0;           // [B, H]
   const T* grad_output;  // [N, H]
-  T* dh_state;           // [B, H]: gradient reaching h_t in, its direct part to h_{t-1} out
+  T* carry;              // [B, H]: grad_hy, then the direct part of the gradient reaching h_{t-1}
   T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
-  int64_t hidden, offset, prev_offset, prev_rows;
+  int64_t hidden, rows;
+  Step step;
+
+  const T* a_row(int64_t b) const { return later.row(b); }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t H = hidden, j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, H - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t b = b0 + r, row = step.offset + b;
+      const T* a = acc + r * kGroups * L;
+      const T* sv = saved + row * kSaved * H + j0;
+      // h_{t-1}: the previous step's output, or h0 for a row's first step.
+      const T* h_prev = (b < step.prev_rows ? output + (step.prev_offset + b) * H : h0 + b * H) + j0;
+      const T* d_out = grad_output + row * H + j0;
+      T* cr = carry + b * H + j0;
+      T* dg = d_gates + row * kGradCols * H + j0;
+      GATEDRNN_IVDEP
+      for (int64_t l = 0; l < width; ++l) {
+        const GruGates<T> g{sv[l], sv[H + l], sv[2 * H + l], sv[3 * H + l]};
+        GruGateGrads<T> d_in, d_hid;
+        cr[l] = gru_backward(g, h_prev[l], a[l] + d_out[l] + cr[l], d_in, d_hid);
+        store_gates(dg, H, l, d_in.r, d_in.z, d_hid.n, d_in.n);
+      }
+    }
+  }
 };
 
+GATEDRNN_TILE_KERNELS(run_backward_tiles, BackwardTiles, "gru_backward_step")
+
 template <typename T>
-GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = s.hidden, row = s.offset + b;
-  const T* sv = s.saved + row * kSaved * H;
-  // h_{t-1}: the previous step's output, or h0 for a row's first step.
-  const T* h_prev = b < s.prev_rows ? s.output + (s.prev_offset + b) * H : s.h0 + b * H;
-  const T* d_out = s.grad_output + row * H;
-  T* dh = s.dh_state + b * H;
-  T* dg = s.d_gates + row * kGradCols * H;
-  GATEDRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    const GruGates<T> a{sv[j], sv[H + j], sv[2 * H + j], sv[3 * H + j]};
-    GruGateGrads<T> d_in, d_hid;
-    dh[j] = gru_backward(a, h_prev[j], d_out[j] + dh[j], d_in, d_hid);
-    store_gates(dg, H, j, d_in.r, d_in.z, d_hid.n, d_in.n);
-  }
-}
-
-GATEDRNN_SPAN_KERNELS(run_backward_span, BackwardStep, backward_span)
-
-template <typename scalar_t>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                        const Tensor& saved, const Tensor& output2d, const Tensor& h0, const Tensor& w_hh,
-                       Tensor& d_gates, Tensor& dh) {
-  const int64_t G = kGradCols * s.hidden;
-  BackwardStep<scalar_t> args{saved.const_data_ptr<scalar_t>(),
-                              output2d.const_data_ptr<scalar_t>(),
-                              h0.const_data_ptr<scalar_t>(),
-                              grad_out2d.const_data_ptr<scalar_t>(),
-                              dh.data_ptr<scalar_t>(),
-                              d_gates.data_ptr<scalar_t>(),
-                              s.hidden,
-                              0,
-                              0,
-                              0};
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
-  for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
-    const Step& step = *it;
-    args.offset = step.offset;
-    args.prev_offset = step.prev_offset;
-    args.prev_rows = step.prev_rows;
-    for_each_span(step.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
-    // dh_{t-1} = (direct part, written above) + [dr, dz, dhn] @ W_hh
-    recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, args.dh_state, /*accumulate=*/true, /*lda=*/G);
-  }
+                       Tensor& d_gates, Tensor& carry) {
+  const int64_t H = s.hidden, G = kGradCols * H, L = tile_lanes<T>();
+  // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
+  const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous);
+  const auto zeros = at::zeros({kGates * H}, w_hh.options());
+  const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
+  BackwardTiles<T> cell{hh.const_data_ptr<T>(),
+                        hh.stride(0),
+                        kGates * H,
+                        LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0},
+                        saved.const_data_ptr<T>(),
+                        output2d.const_data_ptr<T>(),
+                        h0.const_data_ptr<T>(),
+                        grad_out2d.const_data_ptr<T>(),
+                        carry.data_ptr<T>(),
+                        d_gates.data_ptr<T>(),
+                        H,
+                        0,
+                        Step{}};
+  run_team([&](const Team& team) {
+    auto st = cell;
+    for (size_t k = schedule.size(); k-- > 0;) {
+      st.k = point_at_later_step(st.later, schedule, k, kGates * H);
+      st.step = schedule[k];
+      st.rows = st.step.rows;
+      const auto share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+      run_backward_tiles(st, share.begin, share.end);
+      team.barrier();
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
@@ -219,13 +291,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   const auto grad_out2d = to_compute(grad_output_, dtype).view({s.rows, H});
   const auto output2d = to_compute(output_, dtype).view({s.rows, H});
   const auto saved = saved_.contiguous().view({s.rows, kSaved * H});
-  auto dh = grad_hy_.to(dtype, false, true).contiguous();
+  auto dh = grad_hy_.to(dtype, false, true).contiguous();  // the carry: grad_hy in, dh0's direct part out
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGradCols * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
     gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh);
   });
+  // dh0 = its direct part (left in the carry by each row's first step) + [dr, dz, dhn] of that step @ W_hh
+  add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, kGates * H), w_hh);
 
   const auto x2d = input.view({s.rows, s.input_size});
   const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),

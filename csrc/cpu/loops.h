@@ -24,8 +24,8 @@ inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t, 
   return to_compute(*t, dtype);
 }
 
-// The fused per-step passes are written as loops over a contiguous span of hidden units of one batch row,
-// so that the compiler vectorises them (GATEDRNN_IVDEP: the row pointers never overlap; the build passes
+// The tiles' epilogues (tiles.h) are written as loops over a contiguous span of hidden units of one batch
+// row, so that the compiler vectorises them (GATEDRNN_IVDEP: the row pointers never overlap; the build passes
 // -fno-trapping-math, without which GCC will not if-convert the selects in cells.h).
 #define GATEDRNN_ALWAYS_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
@@ -34,8 +34,8 @@ inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t, 
 #define GATEDRNN_IVDEP
 #endif
 
-// Each float span kernel is compiled three times on x86-64 (AVX-512, AVX2+FMA, baseline) and the best one
-// the CPU supports is chosen once, by feature (GCC's target_clones("arch=...") checks the CPU model
+// Each tile kernel is compiled three times on x86-64 (AVX-512, AVX2+FMA, baseline) and the best one the
+// CPU supports is chosen once, by feature (GCC's target_clones("arch=...") checks the CPU model
 // instead and falls back to baseline on virtual machines whose model it does not know).
 enum class Isa { Baseline, Avx2, Avx512 };
 
@@ -70,31 +70,10 @@ inline const char* cpu_isa_name() {
   }
 }
 
-// Defines `void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1)` running BODY(s, b, j0, j1), an
-// always-inline template, compiled for the instruction set chosen by cpu_isa().
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GATEDRNN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #define GATEDRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define GATEDRNN_SPAN_KERNEL(NAME, STEP, BODY)                                                                        \
-  GATEDRNN_TARGET_AVX512 void NAME##_avx512(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); } \
-  GATEDRNN_TARGET_AVX2 void NAME##_avx2(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }     \
-  void NAME##_baseline(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }                      \
-  void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1) {                                                       \
-    using Fn = void (*)(const STEP&, int64_t, int64_t, int64_t);                                                      \
-    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(NAME##_avx512)                                \
-                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(NAME##_avx2)                                  \
-                                                      : static_cast<Fn>(NAME##_baseline);                             \
-    chosen(s, b, j0, j1);                                                                                             \
-  }
-#else
-#define GATEDRNN_SPAN_KERNEL(NAME, STEP, BODY) \
-  void NAME(const STEP& s, int64_t b, int64_t j0, int64_t j1) { BODY(s, b, j0, j1); }
 #endif
-
-// The float and double versions of a span kernel; STEP is the step-arguments template.
-#define GATEDRNN_SPAN_KERNELS(NAME, STEP, BODY) \
-  GATEDRNN_SPAN_KERNEL(NAME, STEP<float>, BODY) \
-  GATEDRNN_SPAN_KERNEL(NAME, STEP<double>, BODY)
 
 // Writes four per-gate values of hidden unit j into a row laid out gate by gate ([4, H] or [4, stride]).
 template <typename T>
@@ -103,25 +82,6 @@ GATEDRNN_ALWAYS_INLINE void store_gates(T* row, int64_t stride, int64_t j, T v0,
   row[stride + j] = v1;
   row[2 * stride + j] = v2;
   row[3 * stride + j] = v3;
-}
-
-// Calls f(b, j0, j1) for contiguous spans [j0, j1) of hidden units of batch row b, covering every row
-// b < rows, in parallel. The grain keeps tiny steps (B=1, small H) on the calling thread, where a thread
-// hand-off would cost more than the math.
-template <typename F>
-inline void for_each_span(int64_t rows, int64_t hidden, const F& f) {
-  constexpr int64_t kGrain = 8192;
-  at::parallel_for(0, rows * hidden, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t b = begin / hidden;
-    int64_t j = begin % hidden;
-    while (begin < end) {
-      const int64_t stop = std::min(hidden, j + (end - begin));
-      f(b, j, stop);
-      begin += stop - j;
-      j = 0;
-      ++b;
-    }
-  });
 }
 
 }  // namespace gatedrnn::cpu

@@ -1,9 +1,12 @@
 // LSTM on the CPU: one layer and direction over the whole sequence.
 //
-// Forward: the input projection of every step is one GEMM before the loop; each step is one GEMM for
-// all four gates (h_{t-1} @ W_hh^T), one fused parallel pass (biases, activations, cell update, hidden
-// value, saved activations), and with proj_size one more GEMM (h_t @ W_hr^T). Backward mirrors it and leaves
-// every weight and input gradient to single GEMMs after the loop. Nothing is allocated inside a loop.
+// Forward, for each chunk of steps (products.h): the input projection of the chunk's rows (tile products),
+// then each step as one set of fused tiles: a tile computes h_{t-1} @ W_hh^T for all four gates of L hidden
+// units and up to MR batch rows in registers, adds the projection and the biases and runs the cell update
+// (cells.h) before anything is written; with proj_size, one more product h_t @ W_hr^T per step. Backward
+// mirrors it: a tile computes dG_{t+1} @ W_hh for L*4 hidden units and runs step t's cell derivative on the
+// result; the weight and input gradients are single GEMMs after the loop (layer_grads.h). One team of
+// threads runs a whole loop, a barrier between dependent phases; nothing is allocated inside it.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,8 +17,10 @@
 #include "../checks.h"
 #include "../layer_grads.h"
 #include "../sequence.h"
-#include "blas.h"
 #include "loops.h"
+#include "products.h"
+#include "team.h"
+#include "tiles.h"
 #include "workspace.h"
 
 namespace gatedrnn::cpu {
@@ -26,101 +31,164 @@ using OptTensor = std::optional<at::Tensor>;
 
 constexpr int64_t kGates = 4;
 
-// ------------------------------------------------------------------------------------------- forward
-// One step's buffers. Row b of the step is packed row offset + b.
 template <typename T>
-struct ForwardStep {
-  T* gates;            // [N, 4H]: input projection in; activations out when saving
-  const T* bias;       // [4H]: b_ih + b_hh, or null
-  const T* recurrent;  // [B, 4H]: h_{t-1} @ W_hh^T
-  T* c_state;          // [B, H]: c_{t-1} in, c_t out
-  T* output;           // [N, R]: h_t (without projection)
-  T* h_state;          // [B, R]: h_t (without projection)
-  T* cells;            // [N, H]: saved c_t, or null
-  T* pre_proj;         // [B, H]: h_t before projection, or null without projection
-  int64_t hidden, state, offset;
+using LstmInputTiles = InputTiles<T, kGates>;
+GATEDRNN_TILE_KERNELS(run_input_tiles, LstmInputTiles, "lstm_input_projection")
+GATEDRNN_TILE_KERNELS(run_store_tiles, StoreTiles, "lstm_projection")
+
+// ------------------------------------------------------------------------------------------- forward
+// One forward step over GateMajor tiles: h_{t-1} @ W_hh^T for the four gates of L units, then the cell.
+template <typename T>
+struct ForwardTiles {
+  using scalar = T;
+  static constexpr int kGroups = kGates;
+  const T* panels;
+  int64_t panel_size, k;  // k = R
+  const T* h0;            // [B, R]
+  T* output;              // [N, R]: h_{t-1} of the previous step's rows; h_t out (without projection)
+  T* gates;               // input projection of rows from gates_row0 on; activations out when saving
+  int64_t gates_row0;
+  const T* bias;  // [4H]: b_ih + b_hh, or null
+  T* c_state;     // [B, H]: c_{t-1} in, c_t out
+  T* h_state;     // [B, R]: each row's latest h_t (the final state at the end)
+  T* cells;       // [N, H]: saved c_t, or null
+  T* pre_proj;    // [B, H]: h_t before the projection, or null
+  int64_t hidden, state, rows;
+  Step step;
+
+  const T* a_row(int64_t b) const {
+    return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
+  }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L, bool kSave, bool kProj, bool kBias>
+  GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
+    const int64_t H = hidden, row = step.offset + b;
+    T* g = gates + (row - gates_row0) * kGates * H + j0;
+    T* c = c_state + b * H + j0;
+    GATEDRNN_IVDEP
+    for (int64_t l = 0; l < width; ++l) {
+      T pre[kGates];
+      for (int64_t q = 0; q < kGates; ++q) pre[q] = acc[q * L + l] + g[q * H + l] + (kBias ? bias[q * H + j0 + l] : T(0));
+      const auto a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
+      const T c_new = lstm_cell_state(a, c[l]);
+      const T h_new = lstm_hidden(a, c_new);
+      c[l] = c_new;
+      if constexpr (kSave) {
+        store_gates(g, H, l, a.i, a.f, a.g, a.o);
+        cells[row * H + j0 + l] = c_new;
+      }
+      if constexpr (kProj) {
+        pre_proj[b * H + j0 + l] = h_new;
+      } else {
+        output[row * state + j0 + l] = h_new;
+        h_state[b * state + j0 + l] = h_new;
+      }
+    }
+  }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* a = acc + r * kGates * L;
+      const int64_t b = b0 + r;
+      if (bias) {
+        if (cells) {
+          pre_proj ? cell<L, true, true, true>(a, b, j0, width) : cell<L, true, false, true>(a, b, j0, width);
+        } else {
+          pre_proj ? cell<L, false, true, true>(a, b, j0, width) : cell<L, false, false, true>(a, b, j0, width);
+        }
+      } else {
+        if (cells) {
+          pre_proj ? cell<L, true, true, false>(a, b, j0, width) : cell<L, true, false, false>(a, b, j0, width);
+        } else {
+          pre_proj ? cell<L, false, true, false>(a, b, j0, width) : cell<L, false, false, false>(a, b, j0, width);
+        }
+      }
+    }
+  }
 };
 
-template <typename T, bool kSave, bool kProj, bool kBias>
-GATEDRNN_ALWAYS_INLINE void forward_span(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = s.hidden, row = s.offset + b;
-  T* g = s.gates + row * kGates * H;
-  const T* r = s.recurrent + b * kGates * H;
-  T* c = s.c_state + b * H;
-  GATEDRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    T pre[kGates];
-    for (int64_t k = 0; k < kGates; ++k) pre[k] = g[k * H + j] + r[k * H + j] + (kBias ? s.bias[k * H + j] : T(0));
-    const auto a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
-    const T c_new = lstm_cell_state(a, c[j]);
-    const T h_new = lstm_hidden(a, c_new);
-    c[j] = c_new;
-    if constexpr (kSave) {
-      store_gates(g, H, j, a.i, a.f, a.g, a.o);
-      s.cells[row * H + j] = c_new;
-    }
-    if constexpr (kProj) {
-      s.pre_proj[b * H + j] = h_new;
-    } else {
-      s.output[row * s.state + j] = h_new;
-      s.h_state[b * s.state + j] = h_new;
-    }
-  }
-}
-
-template <typename T, bool kBias>
-GATEDRNN_ALWAYS_INLINE void forward_span_biased(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  if (s.cells) {
-    s.pre_proj ? forward_span<T, true, true, kBias>(s, b, j0, j1) : forward_span<T, true, false, kBias>(s, b, j0, j1);
-  } else {
-    s.pre_proj ? forward_span<T, false, true, kBias>(s, b, j0, j1) : forward_span<T, false, false, kBias>(s, b, j0, j1);
-  }
-}
+GATEDRNN_TILE_KERNELS(run_forward_tiles, ForwardTiles, "lstm_forward_step")
 
 template <typename T>
-GATEDRNN_ALWAYS_INLINE void forward_span_any(const ForwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  s.bias ? forward_span_biased<T, true>(s, b, j0, j1) : forward_span_biased<T, false>(s, b, j0, j1);
-}
-
-GATEDRNN_SPAN_KERNELS(run_forward_span, ForwardStep, forward_span_any)
-
-template <typename scalar_t>
-void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, Tensor& gates, const OptTensor& bias,
-                       Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, const Tensor& w_hh,
-                       const OptTensor& w_hr, bool save) {
-  const int64_t H = s.hidden, R = s.state, G = kGates * H;
+void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
+                       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, Tensor& gates,
+                       Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save) {
+  const int64_t H = s.hidden, R = s.state, G = kGates * H, L = tile_lanes<T>();
   const bool proj = w_hr.has_value();
-  auto recurrent = at::empty({s.batch, G}, gates.options());
-  auto hidden_pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/true, s.batch, s.steps);
-  const auto proj_gemm =
-      proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, true, s.batch, s.steps) : std::nullopt;
-
-  scalar_t* h_state = hy.data_ptr<scalar_t>();
-  scalar_t* output = output2d.data_ptr<scalar_t>();
-  ForwardStep<scalar_t> args{gates.data_ptr<scalar_t>(),
-                             bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
-                             recurrent.const_data_ptr<scalar_t>(),
-                             cy.data_ptr<scalar_t>(),
-                             output,
-                             h_state,
-                             save ? cells.data_ptr<scalar_t>() : nullptr,
-                             proj ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
-                             H,
-                             R,
-                             0};
-  for (const auto& step : schedule) {
-    // h_state holds h_{t-1} of every active row: rows that were active last step were just updated, rows
-    // that just became active (reverse direction of a packed batch) still hold h0.
-    recurrent_gemm.run(h_state, step.rows, recurrent.data_ptr<scalar_t>(), /*accumulate=*/false);
-    args.offset = step.offset;
-    for_each_span(step.rows, H, [&](int64_t b, int64_t j0, int64_t j1) { run_forward_span(args, b, j0, j1); });
-    if (proj) {
-      scalar_t* out_rows = output + step.offset * R;
-      proj_gemm->run(args.pre_proj, step.rows, out_rows, false);
-      std::memcpy(h_state, out_rows, sizeof(scalar_t) * step.rows * R);
-    }
+  const auto ih = pack_tiles(w_ih, kGates, L, Columns::GateMajor);
+  const auto hh = pack_tiles(w_hh, kGates, L, Columns::GateMajor);
+  const auto hr = proj ? pack_tiles(*w_hr, kGates, L, Columns::Contiguous) : Tensor();
+  const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
+  const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
+  const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
+  if (!save) {  // inference: a projection buffer of one chunk
+    int64_t most = 0;
+    for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
+    gates = scratch_tensor(Scratch::Gates, {most, G}, x2d.options());
   }
+  auto pre_proj = proj ? at::empty({s.batch, H}, x2d.options()) : Tensor();
+
+  LstmInputTiles<T> input{x2d.const_data_ptr<T>(), ih.const_data_ptr<T>(), ih.stride(0), s.input_size,
+                          nullptr, G, H, 0, 0};
+  ForwardTiles<T> cell{hh.const_data_ptr<T>(),
+                       hh.stride(0),
+                       R,
+                       hy.const_data_ptr<T>(),  // hy holds h0 until the rows' last steps write it
+                       output2d.data_ptr<T>(),
+                       gates.data_ptr<T>(),
+                       0,
+                       bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+                       cy.data_ptr<T>(),
+                       hy.data_ptr<T>(),
+                       save ? cells.data_ptr<T>() : nullptr,
+                       proj ? pre_proj.data_ptr<T>() : nullptr,
+                       H,
+                       R,
+                       0,
+                       Step{}};
+  StoreTiles<T> projection{proj ? pre_proj.const_data_ptr<T>() : nullptr,
+                           proj ? hr.const_data_ptr<T>() : nullptr,
+                           proj ? hr.stride(0) : 0,
+                           H,
+                           nullptr,
+                           hy.data_ptr<T>(),
+                           R,
+                           0};
+  // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = hy.clone();
+  cell.h0 = h0.const_data_ptr<T>();
+
+  run_team([&](const Team& team) {
+    auto in = input;
+    auto st = cell;
+    auto pr = projection;
+    for (const Chunk& chunk : chunks) {
+      in.row0 = chunk.row_begin;
+      in.rows = chunk.row_end - chunk.row_begin;
+      st.gates_row0 = save ? 0 : chunk.row_begin;
+      in.out = st.gates + (chunk.row_begin - st.gates_row0) * G;
+      auto share = share_of(tile_items(in, unit_tiles), team.tid, team.threads);
+      run_input_tiles(in, share.begin, share.end);
+      team.barrier();
+      for (size_t k = chunk.first; k < chunk.last; ++k) {
+        st.step = schedule[k];
+        st.rows = st.step.rows;
+        share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+        run_forward_tiles(st, share.begin, share.end);
+        team.barrier();
+        if (proj) {
+          pr.rows = st.rows;
+          pr.out = st.output + st.step.offset * R;
+          share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
+          run_store_tiles(pr, share.begin, share.end);
+          team.barrier();
+        }
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
@@ -138,10 +206,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   auto cy = cx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  // The biases are added in the fused pass: a bias in the GEMM would cost a pass over all N x 4H first.
-  auto gates = save ? at::empty({s.rows, kGates * s.hidden}, input.options())
-                    : scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
-  at::mm_out(gates, x2d, w_ih.t());
+  auto gates = save ? at::empty({s.rows, kGates * s.hidden}, input.options()) : Tensor();
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
@@ -149,7 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
-    lstm_forward_loop<scalar_t>(schedule, s, gates, bias, output2d, hy, cy, cells, w_hh, w_hr, save);
+    lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, gates, output2d, hy, cy, cells, save);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -160,96 +225,174 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 }
 
 // ------------------------------------------------------------------------------------------ backward
+// The gradient reaching each projected output r_t of a step (with proj_size): grad_output + the carry (the
+// final state's gradient, for rows that end here) + dG_{t+1} @ W_hh, stored into d_proj's rows.
 template <typename T>
-struct BackwardStep {
+struct ProjectedGradTiles {
+  using scalar = T;
+  static constexpr int kGroups = 4;
+  const T* panels;
+  int64_t panel_size, k;
+  LaterRows<T> later;
+  const T* grad_output;  // [N, R]
+  T* carry;              // [B, R]
+  T* d_proj;             // [N, R]
+  int64_t state, rows;
+  Step step;
+
+  const T* a_row(int64_t b) const { return later.row(b); }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t c0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, state - c0);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t b = b0 + r, row = step.offset + b;
+      const T* a = acc + r * kGroups * L;
+      const T* go = grad_output + row * state + c0;
+      T* cr = carry + b * state + c0;
+      T* d = d_proj + row * state + c0;
+      GATEDRNN_IVDEP
+      for (int64_t c = 0; c < width; ++c) {
+        d[c] = a[c] + go[c] + cr[c];
+        cr[c] = T(0);
+      }
+    }
+  }
+};
+
+GATEDRNN_TILE_KERNELS(run_projected_grad_tiles, ProjectedGradTiles, "lstm_backward_projection")
+
+// One backward step over Contiguous tiles of 4L hidden units: the gradient reaching h_t (dG_{t+1} @ W_hh
+// plus grad_output and the carry; or, with proj_size, d_proj's rows @ W_hr), then step t's cell derivative.
+template <typename T>
+struct BackwardTiles {
+  using scalar = T;
+  static constexpr int kGroups = 4;
+  const T* panels;
+  int64_t panel_size, k;
+  LaterRows<T> later;    // A rows without projection
+  const T* d_proj;       // A rows with projection: [N, R], or null
   const T* gates;        // [N, 4H] saved activations
   const T* cells;        // [N, H] saved c_t
   const T* c0;           // [B, H]
   const T* grad_output;  // [N, R]
-  const T* dh_state;     // [B, R]: gradient reaching h_t from step t+1 (without projection)
-  const T* dh_pre_proj;  // [B, H]: gradient reaching h_t before the projection, or null
+  T* carry;              // [B, R]: the final state's gradient until a row's last step consumes it
   T* dc_state;           // [B, H]: gradient reaching c_t in, c_{t-1} out
-  T* d_gates;            // [N, 4H] pre-activation gradients
-  T* pre_proj;           // [N, H]: recomputed h_t before projection (for dW_hr), or null
-  int64_t hidden, state, offset, prev_offset, prev_rows;
+  T* d_gates;            // [N, 4H]
+  T* pre_proj;           // [N, H]: recomputed h_t before the projection (for dW_hr), or null
+  int64_t hidden, state, rows;
+  Step step;
+
+  const T* a_row(int64_t b) const { return d_proj ? d_proj + (step.offset + b) * state : later.row(b); }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <bool kProj>
+  GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
+    const int64_t H = hidden, row = step.offset + b;
+    const T* g = gates + row * kGates * H + j0;
+    const T* c = cells + row * H + j0;
+    // c_{t-1}: the previous step's saved cell state, or c0 for a row's first step.
+    const T* c_prev = (b < step.prev_rows ? cells + (step.prev_offset + b) * H : c0 + b * H) + j0;
+    T* dc = dc_state + b * H + j0;
+    T* dg = d_gates + row * kGates * H + j0;
+    // Without a projection hidden units are state columns (R = H).
+    const T* go = kProj ? nullptr : grad_output + row * state + j0;
+    T* cr = kProj ? nullptr : carry + b * state + j0;
+    GATEDRNN_IVDEP
+    for (int64_t l = 0; l < width; ++l) {
+      const LstmGates<T> a{g[l], g[H + l], g[2 * H + l], g[3 * H + l]};
+      T d_hidden = acc[l];
+      if constexpr (kProj) {
+        pre_proj[row * H + j0 + l] = lstm_hidden(a, c[l]);  // recomputed for dW_hr, not saved
+      } else {
+        d_hidden += go[l] + cr[l];
+        cr[l] = T(0);
+      }
+      LstmGateGrads<T> d;
+      dc[l] = lstm_backward(a, c[l], c_prev[l], d_hidden, dc[l], d);
+      store_gates(dg, H, l, d.i, d.f, d.g, d.o);
+    }
+  }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, hidden - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* a = acc + r * kGroups * L;
+      pre_proj ? cell<true>(a, b0 + r, j0, width) : cell<false>(a, b0 + r, j0, width);
+    }
+  }
 };
 
-template <typename T, bool kProj>
-GATEDRNN_ALWAYS_INLINE void backward_span(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = s.hidden, row = s.offset + b;
-  const T* g = s.gates + row * kGates * H;
-  const T* c = s.cells + row * H;
-  // c_{t-1}: the previous step's saved cell state, or c0 for a row's first step.
-  const T* c_prev = b < s.prev_rows ? s.cells + (s.prev_offset + b) * H : s.c0 + b * H;
-  T* dc = s.dc_state + b * H;
-  T* dg = s.d_gates + row * kGates * H;
-  GATEDRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    const LstmGates<T> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-    T d_hidden;
-    if constexpr (kProj) {
-      d_hidden = s.dh_pre_proj[b * H + j];
-      s.pre_proj[row * H + j] = lstm_hidden(a, c[j]);  // recomputed for dW_hr, not saved
-    } else {
-      d_hidden = s.grad_output[row * s.state + j] + s.dh_state[b * s.state + j];
-    }
-    LstmGateGrads<T> d;
-    dc[j] = lstm_backward(a, c[j], c_prev[j], d_hidden, dc[j], d);
-    store_gates(dg, H, j, d.i, d.f, d.g, d.o);
-  }
-}
+GATEDRNN_TILE_KERNELS(run_backward_tiles, BackwardTiles, "lstm_backward_step")
 
 template <typename T>
-GATEDRNN_ALWAYS_INLINE void backward_span_any(const BackwardStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
-  s.pre_proj ? backward_span<T, true>(s, b, j0, j1) : backward_span<T, false>(s, b, j0, j1);
-}
-
-GATEDRNN_SPAN_KERNELS(run_backward_span, BackwardStep, backward_span_any)
-
-template <typename scalar_t>
 void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                         const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
-                        const OptTensor& w_hr, Tensor& d_gates, Tensor& dh, Tensor& dc, Tensor& d_proj,
+                        const OptTensor& w_hr, Tensor& d_gates, Tensor& carry, Tensor& dc, Tensor& d_proj,
                         Tensor& hidden_pre_proj) {
-  const int64_t R = s.state, G = kGates * s.hidden;
+  const int64_t H = s.hidden, R = s.state, G = kGates * H, L = tile_lanes<T>();
   const bool proj = w_hr.has_value();
-  auto dh_pre_proj = proj ? at::empty({s.batch, s.hidden}, gates.options()) : Tensor();
-  const StepGemm<scalar_t> recurrent_gemm(w_hh, /*transposed=*/false, s.batch, s.steps);
-  const auto proj_gemm =
-      proj ? std::optional<StepGemm<scalar_t>>(std::in_place, *w_hr, false, s.batch, s.steps) : std::nullopt;
-  const scalar_t* grad_out = grad_out2d.const_data_ptr<scalar_t>();
-  scalar_t* dh_state = dh.data_ptr<scalar_t>();
-  scalar_t* d_out_proj = proj ? d_proj.data_ptr<scalar_t>() : nullptr;
-  BackwardStep<scalar_t> args{gates.const_data_ptr<scalar_t>(),
-                              cells.const_data_ptr<scalar_t>(),
-                              c0.const_data_ptr<scalar_t>(),
-                              grad_out2d.const_data_ptr<scalar_t>(),
-                              dh.const_data_ptr<scalar_t>(),
-                              proj ? dh_pre_proj.const_data_ptr<scalar_t>() : nullptr,
-                              dc.data_ptr<scalar_t>(),
-                              d_gates.data_ptr<scalar_t>(),
-                              proj ? hidden_pre_proj.data_ptr<scalar_t>() : nullptr,
-                              s.hidden,
-                              s.state,
-                              0,
-                              0,
-                              0};
-  for (auto it = schedule.rbegin(); it != schedule.rend(); ++it) {
-    const Step& step = *it;
-    if (proj) {
-      // Gradient reaching the projected output r_t, then through W_hr to the cell's hidden value.
-      scalar_t* d_out_rows = d_out_proj + step.offset * R;
-      const scalar_t* g_out_rows = grad_out + step.offset * R;
-      for (int64_t i = 0; i < step.rows * R; ++i) d_out_rows[i] = g_out_rows[i] + dh_state[i];
-      proj_gemm->run(d_out_rows, step.rows, const_cast<scalar_t*>(args.dh_pre_proj), false);
+  // dh = dG @ W_hh ([4H, R]) and, with a projection, dh_pre = d_proj @ W_hr ([R, H]): both weights are
+  // [K, N], packed from their transposes.
+  const auto hh = pack_tiles(w_hh.t(), kGates, L, Columns::Contiguous);
+  const auto hr = proj ? pack_tiles(w_hr->t(), kGates, L, Columns::Contiguous) : Tensor();
+  const auto zeros = at::zeros({G}, w_hh.options());
+  const int64_t unit_tiles = tile_count(H, kGates, L, Columns::Contiguous);
+  const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
+
+  const LaterRows<T> later{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0};
+  ProjectedGradTiles<T> projected{hh.const_data_ptr<T>(),
+                                  hh.stride(0),
+                                  G,
+                                  later,
+                                  grad_out2d.const_data_ptr<T>(),
+                                  carry.data_ptr<T>(),
+                                  proj ? d_proj.data_ptr<T>() : nullptr,
+                                  R,
+                                  0,
+                                  Step{}};
+  BackwardTiles<T> cell{proj ? hr.const_data_ptr<T>() : hh.const_data_ptr<T>(),
+                        proj ? hr.stride(0) : hh.stride(0),
+                        proj ? R : G,
+                        later,
+                        proj ? d_proj.const_data_ptr<T>() : nullptr,
+                        gates.const_data_ptr<T>(),
+                        cells.const_data_ptr<T>(),
+                        c0.const_data_ptr<T>(),
+                        grad_out2d.const_data_ptr<T>(),
+                        carry.data_ptr<T>(),
+                        dc.data_ptr<T>(),
+                        d_gates.data_ptr<T>(),
+                        proj ? hidden_pre_proj.data_ptr<T>() : nullptr,
+                        H,
+                        R,
+                        0,
+                        Step{}};
+
+  run_team([&](const Team& team) {
+    auto pg = projected;
+    auto st = cell;
+    for (size_t k = schedule.size(); k-- > 0;) {
+      const Step& step = schedule[k];
+      if (proj) {
+        pg.step = step;
+        pg.rows = step.rows;
+        pg.k = point_at_later_step(pg.later, schedule, k, G);
+        const auto share = share_of(tile_items(pg, state_tiles), team.tid, team.threads);
+        run_projected_grad_tiles(pg, share.begin, share.end);
+        team.barrier();
+      } else {
+        st.k = point_at_later_step(st.later, schedule, k, G);
+      }
+      st.step = step;
+      st.rows = step.rows;
+      const auto share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+      run_backward_tiles(st, share.begin, share.end);
+      team.barrier();
     }
-    args.offset = step.offset;
-    args.prev_offset = step.prev_offset;
-    args.prev_rows = step.prev_rows;
-    for_each_span(step.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) { run_backward_span(args, b, j0, j1); });
-    // h_{t-1} reaches step t only through W_hh: this overwrites the rows' gradient entirely.
-    recurrent_gemm.run(args.d_gates + step.offset * G, step.rows, dh_state, /*accumulate=*/false);
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
@@ -269,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto output2d = to_compute(output_, dtype).view({s.rows, s.state});
   const auto gates = gates_.contiguous().view({s.rows, kGates * s.hidden});
   const auto cells = cells_.contiguous().view({s.rows, s.hidden});
-  auto dh = grad_hy_.to(dtype, false, true).contiguous();
+  auto carry = grad_hy_.to(dtype, false, true).contiguous();
   auto dc = grad_cy_.to(dtype, false, true).contiguous();
 
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGates * s.hidden}, input.options());
@@ -279,9 +422,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_backward_cpu", [&] {
-    lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, gates, cells, cx, w_hh, w_hr, d_gates, dh, dc, d_proj,
+    lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, gates, cells, cx, w_hh, w_hr, d_gates, carry, dc, d_proj,
                                  hidden_pre_proj);
   });
+  // Every row's carry was consumed by its last step; h0 reaches the rows' first steps through W_hh.
+  auto dh = at::zeros_like(carry);
+  add_initial_state_grad(dh, schedule, d_gates, w_hh);
 
   const auto x2d = input.view({s.rows, s.input_size});
   const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),

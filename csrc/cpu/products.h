@@ -1,0 +1,139 @@
+// Tile products shared by the LSTM and GRU loops: the input projection (in chunks of steps), plain
+// products stored as they are, the rows of A that a backward step reads, and the gradient that reaches the
+// initial state.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "../sequence.h"
+#include "tiles.h"
+
+namespace gatedrnn::cpu {
+
+// The input projection x @ W_ih^T of packed rows [row0, row0 + rows), all G gates (GateMajor tiles),
+// stored into `out` (its row 0 is packed row row0; row stride out_stride, gate g at column g * hidden).
+// The biases are added later, by the step's epilogue.
+template <typename T, int G>
+struct InputTiles {
+  using scalar = T;
+  static constexpr int kGroups = G;
+  const T* x;  // [N, k]
+  const T* panels;
+  int64_t panel_size, k;
+  T* out;
+  int64_t out_stride, hidden, row0, rows;
+
+  const T* a_row(int64_t b) const { return x + (row0 + b) * k; }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+    for (int64_t r = 0; r < n; ++r) {
+      T* o = out + (b0 + r) * out_stride + j0;
+      for (int g = 0; g < G; ++g)
+        for (int64_t l = 0; l < width; ++l) o[g * hidden + l] = acc[(r * G + g) * L + l];
+    }
+  }
+};
+
+// Consecutive steps (in processing order) whose input projection is computed together, before them:
+// packed rows [row_begin, row_end) (contiguous in either direction) of steps [first, last).
+struct Chunk {
+  size_t first, last;
+  int64_t row_begin, row_end;
+};
+
+// Chunks of at most `max_rows` rows (at least one step each), so that the projection buffer of an
+// inference call is bounded whatever T is, and each chunk's projection is still in cache when its steps
+// read it.
+inline std::vector<Chunk> plan_chunks(const std::vector<Step>& schedule, int64_t max_rows) {
+  std::vector<Chunk> chunks;
+  size_t i = 0;
+  while (i < schedule.size()) {
+    Chunk c{i, i, schedule[i].offset, schedule[i].offset + schedule[i].rows};
+    while (c.last < schedule.size()) {
+      const Step& s = schedule[c.last];
+      const int64_t begin = std::min(c.row_begin, s.offset), end = std::max(c.row_end, s.offset + s.rows);
+      if (c.last > c.first && end - begin > max_rows) break;
+      c.row_begin = begin;
+      c.row_end = end;
+      ++c.last;
+    }
+    chunks.push_back(c);
+    i = c.last;
+  }
+  return chunks;
+}
+
+// Rows of an inference call's projection buffer: about 4 MiB, whatever T is.
+inline int64_t chunk_rows(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t(4) << 20) / row_bytes); }
+
+// A plain product A @ op(W) over Contiguous tiles, stored into rows of `out` (row stride `columns`) and,
+// when `also` is set, into rows of `also` indexed by batch row (a step's final state).
+template <typename T>
+struct StoreTiles {
+  using scalar = T;
+  static constexpr int kGroups = 4;
+  const T* a;  // [rows, k]
+  const T* panels;
+  int64_t panel_size, k;
+  T* out;   // row 0 is the step's first row
+  T* also;  // [B, columns] or null
+  int64_t columns, rows;
+
+  const T* a_row(int64_t b) const { return a + b * k; }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t c0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, columns - c0);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* v = acc + r * kGroups * L;
+      T* o = out + (b0 + r) * columns + c0;
+      for (int64_t c = 0; c < width; ++c) o[c] = v[c];
+      if (also) {
+        T* h = also + (b0 + r) * columns + c0;
+        for (int64_t c = 0; c < width; ++c) h[c] = v[c];
+      }
+    }
+  }
+};
+
+// What a backward step multiplies by W_hh: the pre-activation gradients of the step processed just before
+// it (the next one in processing order), for the rows that took their state from this step; zeros for the
+// rows whose state ended here (their gradient is the final state's, already in the carry).
+template <typename T>
+struct LaterRows {
+  const T* base = nullptr;  // [N, stride]
+  const T* zeros = nullptr;
+  int64_t stride = 0, offset = 0, valid = 0;
+
+  const T* row(int64_t b) const { return b < valid ? base + (offset + b) * stride : zeros; }
+};
+
+// Points `rows` at the step after `k` in processing order (none for the last step: depth 0).
+template <typename T>
+inline int64_t point_at_later_step(LaterRows<T>& rows, const std::vector<Step>& schedule, size_t k, int64_t depth) {
+  if (k + 1 >= schedule.size()) {
+    rows.valid = 0;
+    return 0;
+  }
+  rows.offset = schedule[k + 1].offset;
+  rows.valid = schedule[k + 1].prev_rows;
+  return depth;
+}
+
+// dh0 += (for each batch row, the pre-activation gradients of the step that read h0 for it) @ w: every
+// row reads its initial state exactly once, at its first step in processing order.
+inline void add_initial_state_grad(at::Tensor& dh0, const std::vector<Step>& schedule, const at::Tensor& d_gates,
+                                   const at::Tensor& w) {
+  for (const Step& s : schedule) {
+    const int64_t fresh = s.rows - s.prev_rows;
+    if (fresh > 0) dh0.narrow(0, s.prev_rows, fresh).addmm_(d_gates.narrow(0, s.offset + s.prev_rows, fresh), w);
+  }
+}
+
+}  // namespace gatedrnn::cpu

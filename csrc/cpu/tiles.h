@@ -1,0 +1,179 @@
+// The CPU tile product: the CPU twin of csrc/cuda/step_tile.cuh.
+//
+// A tile owns `G` groups of `L` output columns (L = one SIMD register of the instruction set in use) and up
+// to MR rows. Its weight panel is packed once per call as [K][G][L], so that one k of all its columns is one
+// contiguous run of G registers; the product keeps MR x G accumulator registers, broadcasts one element of
+// each A row per k and issues MR x G fused multiply-adds. The result never leaves the tile before its
+// epilogue (a cell update from cells.h, or a plain store) has run on it: nothing like a gate buffer is
+// written between the matmul and the update.
+//
+// Two column orders:
+//  - GateMajor: the columns of a cell's G gates for the same L hidden units (W_hh and W_ih of the forward,
+//    whose rows are gate-major in torch.nn's layout): group g, lane l of tile p is column g*Hg + p*L + l.
+//  - Contiguous: G*L consecutive columns (plain products: projections and the backward's dh): column
+//    (p*G + g)*L + l.
+//
+// The kernels are written once with GCC vector types, generic over L and MR, and compiled three times,
+// for AVX-512, AVX2+FMA and baseline x86-64 (GATEDRNN_TILE_KERNEL), like the span kernels in loops.h; the
+// packing width L follows the instruction set chosen at load (cpu_isa()). The build passes
+// -ffp-contract=fast so that `acc += a * w` is one FMA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "counters.h"
+#include "loops.h"
+
+namespace gatedrnn::cpu {
+
+enum class Columns { GateMajor, Contiguous };
+
+// Bytes of one SIMD register, per instruction set: the tile's lane count is this over sizeof(T).
+constexpr int vector_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
+
+// Accumulator registers a tile may keep: 32 zmm hold 24 accumulators, G weights and a broadcast; 16 ymm
+// or xmm hold 9 (plus G weights and a broadcast; baseline SSE also needs a temporary for mul + add).
+constexpr int accumulator_budget(Isa isa) { return isa == Isa::Avx512 ? 24 : 9; }
+
+template <typename T>
+inline int64_t tile_lanes() {
+  return vector_bytes(cpu_isa()) / int64_t(sizeof(T));
+}
+
+// Rows per tile for G column groups.
+constexpr int tile_rows(Isa isa, int groups) { return std::max(1, accumulator_budget(isa) / groups); }
+
+inline int64_t tile_rows(int groups) { return tile_rows(cpu_isa(), groups); }
+
+// Packs op(W) for tile products. `w_nk` is [N, K]: its row n is output column n (so W_hh of a forward,
+// [G*H, R], is passed as is; a weight used as [K, N] is passed transposed). Returns [tiles, K, G, L] with
+// zeros in the columns past N (or past H in a gate's block), which the epilogues never store.
+inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order) {
+  const int64_t n = w_nk.size(0), k = w_nk.size(1);
+  if (order == Columns::GateMajor) {
+    const int64_t per_gate = n / groups, tiles = (per_gate + lanes - 1) / lanes;
+    auto w = w_nk.reshape({groups, per_gate, k});
+    w = at::constant_pad_nd(w, {0, 0, 0, tiles * lanes - per_gate});
+    return w.view({groups, tiles, lanes, k}).permute({1, 3, 0, 2}).contiguous();
+  }
+  const int64_t width = groups * lanes, tiles = (n + width - 1) / width;
+  const auto w = at::constant_pad_nd(w_nk, {0, 0, 0, tiles * width - n});
+  return w.view({tiles, groups, lanes, k}).permute({0, 3, 1, 2}).contiguous();
+}
+
+inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order) {
+  const int64_t width = order == Columns::GateMajor ? lanes : groups * lanes;
+  const int64_t per = order == Columns::GateMajor ? columns / groups : columns;
+  return (per + width - 1) / width;
+}
+
+// The share [begin, end) of `items` that thread `tid` of `threads` takes. Items are numbered tile-major
+// (item = tile * row_blocks + row_block), so a thread keeps the same few weight panels, hot in its cache,
+// from step to step.
+struct Share {
+  int64_t begin, end;
+};
+
+inline Share share_of(int64_t items, int tid, int threads) {
+  return {items * tid / threads, items * (tid + 1) / threads};
+}
+
+template <typename T, int L>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(L * sizeof(T))));
+  // For loads from T arrays: any alignment, may alias T (as the intrinsics' own unaligned types do).
+  typedef T unaligned __attribute__((vector_size(L * sizeof(T)), aligned(alignof(T)), may_alias));
+};
+
+// out[r][g][l] = sum_k a[r][k] * panel[k][g][l] for r < MR.
+template <typename T, int L, int G, int MR>
+GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t k_size, const T* panel, T* out) {
+  using Vec = typename VectorOf<T, L>::type;
+  using Load = typename VectorOf<T, L>::unaligned;
+  Vec acc[MR][G];
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = Vec{};
+  for (int64_t k = 0; k < k_size; ++k) {
+    // One load per register (a memcpy of all G into an array made GCC bounce them through the stack).
+    Vec w[G];
+    for (int g = 0; g < G; ++g) w[g] = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
+    for (int r = 0; r < MR; ++r) {
+      const T x = a[r][k];
+      for (int g = 0; g < G; ++g) acc[r][g] += x * w[g];
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+// tile_product for a runtime row count 1 <= rows <= MR (the last row block of a step).
+template <typename T, int L, int G, int MR>
+GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, int64_t k_size, const T* panel, T* out) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return tile_product_rows<T, L, G, MR - 1>(rows, a, k_size, panel, out);
+  }
+  tile_product<T, L, G, MR>(a, k_size, panel, out);
+}
+
+// Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: scalar type, kGroups,
+// rows, k (the product's depth), a_row(b) (row b of A, k elements), panel(p), and the epilogue
+// finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L] for rows b0.. of tile p.
+template <typename Tiles, Isa kIsa>
+GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end) {
+  using T = typename Tiles::scalar;
+  constexpr int G = Tiles::kGroups;
+  constexpr int L = vector_bytes(kIsa) / int(sizeof(T));
+  constexpr int MR = tile_rows(kIsa, G);
+  const int64_t row_blocks = (s.rows + MR - 1) / MR;
+  alignas(64) T acc[MR * G * L];
+  const T* a[MR];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t p = item / row_blocks, b0 = (item % row_blocks) * MR;
+    const int64_t rows = std::min<int64_t>(MR, s.rows - b0);
+    for (int64_t r = 0; r < rows; ++r) a[r] = s.a_row(b0 + r);
+    tile_product_rows<T, L, G, MR>(rows, a, s.k, s.panel(p), acc);
+    s.template finish<L>(acc, b0, rows, p);
+  }
+}
+
+// How many items a step of `Tiles` has: tiles x row blocks.
+template <typename Tiles>
+inline int64_t tile_items(const Tiles& s, int64_t tiles) {
+  const int64_t mr = tile_rows(Tiles::kGroups);
+  return tiles * ((s.rows + mr - 1) / mr);
+}
+
+// Defines `void NAME(const TILES& s, int64_t begin, int64_t end)`: run_tiles compiled for the instruction
+// set chosen by cpu_isa(), each call counted in COUNTER.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GATEDRNN_TILE_KERNEL(NAME, TILES, COUNTER)                                                                    \
+  GATEDRNN_TARGET_AVX512 void NAME##_avx512(const TILES& s, int64_t b, int64_t e) {                                   \
+    run_tiles<TILES, Isa::Avx512>(s, b, e);                                                                           \
+  }                                                                                                                   \
+  GATEDRNN_TARGET_AVX2 void NAME##_avx2(const TILES& s, int64_t b, int64_t e) { run_tiles<TILES, Isa::Avx2>(s, b, e); } \
+  void NAME##_baseline(const TILES& s, int64_t b, int64_t e) { run_tiles<TILES, Isa::Baseline>(s, b, e); }             \
+  void NAME(const TILES& s, int64_t b, int64_t e) {                                                                   \
+    using Fn = void (*)(const TILES&, int64_t, int64_t);                                                              \
+    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(NAME##_avx512)                               \
+                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(NAME##_avx2)                                  \
+                                                      : static_cast<Fn>(NAME##_baseline);                             \
+    COUNTER.calls.fetch_add(1, std::memory_order_relaxed);                                                            \
+    chosen(s, b, e);                                                                                                  \
+  }
+#else
+#define GATEDRNN_TILE_KERNEL(NAME, TILES, COUNTER)                   \
+  void NAME(const TILES& s, int64_t b, int64_t e) {                  \
+    COUNTER.calls.fetch_add(1, std::memory_order_relaxed);           \
+    run_tiles<TILES, Isa::Baseline>(s, b, e);                        \
+  }
+#endif
+
+// The float and double versions (TILES is a template of the scalar type), counted together under LABEL.
+#define GATEDRNN_TILE_KERNELS(NAME, TILES, LABEL)          \
+  KernelCounter NAME##_calls{LABEL};                       \
+  GATEDRNN_TILE_KERNEL(NAME, TILES<float>, NAME##_calls)   \
+  GATEDRNN_TILE_KERNEL(NAME, TILES<double>, NAME##_calls)
+
+}  // namespace gatedrnn::cpu
