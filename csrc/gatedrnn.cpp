@@ -4,6 +4,7 @@
 
 #include "cpu/counters.h"
 #include "cpu/loops.h"
+#include "cpu/matmul.h"
 #include "cpu/team.h"
 #include "schemas.h"
 
@@ -33,9 +34,9 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   const char* cpu_threads = "single";
 #endif
-  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s,s:i}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime",
+  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s,s:i,s:s}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime",
                        cuda_runtime, "cpu_isa", gatedrnn::cpu::cpu_isa_name(), "cpu_threads", cpu_threads,
-                       "cpu_team_size", gatedrnn::cpu::team_size());
+                       "cpu_team_size", gatedrnn::cpu::team_size(), "cpu_gemm", gatedrnn::cpu::gemm_name());
 }
 
 // {kernel label: calls} of the CPU tile kernels (csrc/cpu/counters.h), summed over dtypes.

@@ -14,6 +14,24 @@ namespace gatedrnn {
 
 inline at::Tensor rows_of(const at::Tensor& t, int64_t offset, int64_t rows) { return t.narrow(0, offset, rows); }
 
+// c (+)= a @ b through ATen (any device).
+inline void aten_matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+using Matmul = void (*)(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// A new [a.size(0), b.size(1)] product through `matmul`.
+inline at::Tensor product(Matmul matmul, const at::Tensor& a, const at::Tensor& b) {
+  auto c = at::empty({a.size(0), b.size(1)}, a.options());
+  matmul(c, a, b, false);
+  return c;
+}
+
 // The recurrent state each row saw on entry to its step, as one [N, R] matrix (packed sequences).
 inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, const at::Tensor& output2d,
                                          const at::Tensor& h0) {
@@ -30,15 +48,17 @@ inline at::Tensor gather_previous_states(const std::vector<Step>& schedule, cons
 // dW_hh = dG_hidden^T @ H_prev, H_prev[row] being the state the row saw on entry to its step: h0 for the
 // first step, the previous step's output after. Dense input needs no gathered copy of H_prev: its rows
 // are the output shifted by one step (B rows), and h0 for the first step.
-inline at::Tensor recurrent_weight_grad(const at::Tensor& d_hidden, const at::Tensor& output2d, const at::Tensor& h0,
-                                        const std::vector<Step>& schedule, bool dense, bool reverse) {
-  if (!dense) return at::mm(d_hidden.t(), gather_previous_states(schedule, output2d, h0));
+inline at::Tensor recurrent_weight_grad(Matmul matmul, const at::Tensor& d_hidden, const at::Tensor& output2d,
+                                        const at::Tensor& h0, const std::vector<Step>& schedule, bool dense,
+                                        bool reverse) {
+  if (!dense) return product(matmul, d_hidden.t(), gather_previous_states(schedule, output2d, h0));
   const int64_t rows = output2d.size(0), batch = h0.size(0), later = rows - batch;
   // Forward: rows [B, N) saw output rows [0, N - B). Reverse: rows [0, N - B) saw output rows [B, N).
   const auto d_first = d_hidden.narrow(0, reverse ? later : 0, batch);
-  auto grad = at::mm(d_first.t(), h0);
+  auto grad = product(matmul, d_first.t(), h0);
   if (later > 0) {
-    grad.addmm_(d_hidden.narrow(0, reverse ? 0 : batch, later).t(), output2d.narrow(0, reverse ? batch : 0, later));
+    matmul(grad, d_hidden.narrow(0, reverse ? 0 : batch, later).t(), output2d.narrow(0, reverse ? batch : 0, later),
+           true);
   }
   return grad;
 }
@@ -55,6 +75,7 @@ struct LayerGradArgs {
   std::array<bool, 3> output_mask;  // input, weights, biases
   at::IntArrayRef input_shape;
   at::TensorOptions storage;  // dtype and device of the returned gradients
+  Matmul matmul = aten_matmul;  // the device's fastest c (+)= a @ b
 };
 
 inline at::Tensor no_grad_tensor(const LayerGradArgs& a) { return at::empty({0}, a.storage); }
@@ -70,11 +91,11 @@ inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_ga
   const auto [want_input, want_weights, want_bias] = a.output_mask;
   const auto dtype = a.storage.dtype();
   LstmGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
-  if (want_input) g.input = at::mm(d_gates, a.w_ih).view(a.input_shape).to(dtype);
+  if (want_input) g.input = product(a.matmul, d_gates, a.w_ih).view(a.input_shape).to(dtype);
   if (want_weights) {
-    g.w_ih = at::mm(d_gates.t(), a.x2d).to(dtype);
-    g.w_hh = recurrent_weight_grad(d_gates, a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
-    if (d_proj.defined()) g.w_hr = at::mm(d_proj.t(), pre_proj).to(dtype);
+    g.w_ih = product(a.matmul, d_gates.t(), a.x2d).to(dtype);
+    g.w_hh = recurrent_weight_grad(a.matmul, d_gates, a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
+    if (d_proj.defined()) g.w_hr = product(a.matmul, d_proj.t(), pre_proj).to(dtype);
   }
   if (want_bias) g.bias = d_gates.sum(0).to(dtype);
   return g;
@@ -94,18 +115,19 @@ inline GruGrads gru_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gate
   const auto d_rz = d_gates.narrow(1, 0, 2 * H), d_n = d_gates.narrow(1, 3 * H, H);
   GruGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
   if (want_input) {
-    auto grad_input = at::mm(d_rz, a.w_ih.narrow(0, 0, 2 * H));
-    grad_input.addmm_(d_n, a.w_ih.narrow(0, 2 * H, H));
+    auto grad_input = product(a.matmul, d_rz, a.w_ih.narrow(0, 0, 2 * H));
+    a.matmul(grad_input, d_n, a.w_ih.narrow(0, 2 * H, H), true);
     g.input = grad_input.view(a.input_shape).to(dtype);
   }
   if (want_weights) {
     auto grad_w_ih = at::empty_like(a.w_ih);
     auto grad_w_ih_rz = grad_w_ih.narrow(0, 0, 2 * H), grad_w_ih_n = grad_w_ih.narrow(0, 2 * H, H);
-    at::mm_out(grad_w_ih_rz, d_rz.t(), a.x2d);
-    at::mm_out(grad_w_ih_n, d_n.t(), a.x2d);
+    a.matmul(grad_w_ih_rz, d_rz.t(), a.x2d, false);
+    a.matmul(grad_w_ih_n, d_n.t(), a.x2d, false);
     g.w_ih = grad_w_ih.to(dtype);
     g.w_hh =
-        recurrent_weight_grad(d_gates.narrow(1, 0, 3 * H), a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
+        recurrent_weight_grad(a.matmul, d_gates.narrow(1, 0, 3 * H), a.output2d, a.h0, a.schedule, a.dense, a.reverse)
+            .to(dtype);
   }
   if (want_bias) {
     const auto sums = d_gates.sum(0);

@@ -24,7 +24,9 @@ def backend_info():
     they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_isa`` (which
     compiled variant of the fused CPU tile kernels runs: "avx512", "avx2" or "baseline"; GATEDRNN_CPU_ISA caps
     it), ``cpu_threads`` ("openmp": a team of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size``
-    (threads in a team started now from this thread), ``library``
+    (threads in a team started now from this thread), ``cpu_gemm`` (the GEMM of the large products after a
+    backward loop: "tiles", gatedrnn's own, or "aten", torch.mm; the faster on this machine, timed once per
+    process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``library``
     (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
@@ -41,6 +43,7 @@ def backend_info():
         "cpu_isa": build["cpu_isa"],
         "cpu_threads": build["cpu_threads"],
         "cpu_team_size": build["cpu_team_size"],
+        "cpu_gemm": build["cpu_gemm"],
         "library": _C.__file__,
         "torch": torch.__version__,
     }

@@ -18,6 +18,7 @@
 #include "../layer_grads.h"
 #include "../sequence.h"
 #include "loops.h"
+#include "matmul.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -303,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
 
   const auto x2d = input.view({s.rows, s.input_size});
   const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
-                           reverse, output_mask, input_.sizes(), input_.options()};
+                           reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = gru_layer_grads(args, d_gates);
   return {g.input, dh.to(input_.scalar_type()), g.w_ih, g.w_hh, g.b_ih, g.b_hh};
 }

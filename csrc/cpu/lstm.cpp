@@ -18,6 +18,7 @@
 #include "../layer_grads.h"
 #include "../sequence.h"
 #include "loops.h"
+#include "matmul.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -431,7 +432,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
   const auto x2d = input.view({s.rows, s.input_size});
   const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
-                           reverse, output_mask, input_.sizes(), input_.options()};
+                           reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = lstm_layer_grads(args, d_gates, d_proj, hidden_pre_proj);
   const auto storage = input_.scalar_type();
   return {g.input, dh.to(storage), dc.to(storage), g.w_ih, g.w_hh, g.bias, g.w_hr};

@@ -88,9 +88,9 @@ struct VectorOf {
   typedef T unaligned __attribute__((vector_size(L * sizeof(T)), aligned(alignof(T)), may_alias));
 };
 
-// out[r][g][l] = sum_k a[r][k] * panel[k][g][l] for r < MR.
-template <typename T, int L, int G, int MR>
-GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t k_size, const T* panel, T* out) {
+// out[r][g][l] = sum_k a[r][k * a_step] * panel[k][g][l] for r < MR (a_step is 1 unless kStrided).
+template <typename T, int L, int G, int MR, bool kStrided>
+GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t a_step, int64_t k_size, const T* panel, T* out) {
   using Vec = typename VectorOf<T, L>::type;
   using Load = typename VectorOf<T, L>::unaligned;
   Vec acc[MR][G];
@@ -101,7 +101,7 @@ GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t k_size, cons
     Vec w[G];
     for (int g = 0; g < G; ++g) w[g] = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
     for (int r = 0; r < MR; ++r) {
-      const T x = a[r][k];
+      const T x = a[r][kStrided ? k * a_step : k];
       for (int g = 0; g < G; ++g) acc[r][g] += x * w[g];
     }
   }
@@ -109,19 +109,21 @@ GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t k_size, cons
 }
 
 // tile_product for a runtime row count 1 <= rows <= MR (the last row block of a step).
-template <typename T, int L, int G, int MR>
-GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, int64_t k_size, const T* panel, T* out) {
+template <typename T, int L, int G, int MR, bool kStrided>
+GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, int64_t a_step, int64_t k_size,
+                                              const T* panel, T* out) {
   if constexpr (MR > 1) {
-    if (rows < MR) return tile_product_rows<T, L, G, MR - 1>(rows, a, k_size, panel, out);
+    if (rows < MR) return tile_product_rows<T, L, G, MR - 1, kStrided>(rows, a, a_step, k_size, panel, out);
   }
-  tile_product<T, L, G, MR>(a, k_size, panel, out);
+  tile_product<T, L, G, MR, kStrided>(a, a_step, k_size, panel, out);
 }
 
 // Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: scalar type, kGroups,
-// rows, k (the product's depth), a_row(b) (row b of A, k elements), panel(p), and the epilogue
-// finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L] for rows b0.. of tile p.
-template <typename Tiles, Isa kIsa>
-GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end) {
+// rows, k (the product's depth), a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles
+// has an a_step), panel(p), and the epilogue finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L]
+// for rows b0.. of tile p.
+template <typename Tiles, Isa kIsa, bool kStrided>
+GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
   constexpr int G = Tiles::kGroups;
   constexpr int L = vector_bytes(kIsa) / int(sizeof(T));
@@ -133,9 +135,17 @@ GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end
     const int64_t p = item / row_blocks, b0 = (item % row_blocks) * MR;
     const int64_t rows = std::min<int64_t>(MR, s.rows - b0);
     for (int64_t r = 0; r < rows; ++r) a[r] = s.a_row(b0 + r);
-    tile_product_rows<T, L, G, MR>(rows, a, s.k, s.panel(p), acc);
+    tile_product_rows<T, L, G, MR, kStrided>(rows, a, a_step, s.k, s.panel(p), acc);
     s.template finish<L>(acc, b0, rows, p);
   }
+}
+
+template <typename Tiles, Isa kIsa>
+GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end) {
+  if constexpr (requires { s.a_step; }) {
+    if (s.a_step != 1) return run_tiles_with<Tiles, kIsa, true>(s, s.a_step, begin, end);
+  }
+  run_tiles_with<Tiles, kIsa, false>(s, 1, begin, end);
 }
 
 // How many items a step of `Tiles` has: tiles x row blocks.

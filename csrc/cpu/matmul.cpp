@@ -1,0 +1,126 @@
+// The post-loop GEMM of the CPU backward ops: tile products (tiles.h) or ATen's, as measured (matmul.h).
+#include "matmul.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+#include "../layer_grads.h"
+#include "team.h"
+#include "tiles.h"
+
+namespace gatedrnn::cpu {
+namespace {
+
+// One depth block of C (+)= A @ B over Contiguous tiles of C's columns.
+template <typename T>
+struct MatmulTiles {
+  using scalar = T;
+  static constexpr int kGroups = 4;
+  const T* a;  // A[0][k0]
+  int64_t a_row_stride, a_step;
+  const T* panels;  // tile 0 at depth k0
+  int64_t panel_size, k;
+  T* c;
+  int64_t ldc, columns, rows;
+  bool add;  // add to C (a later depth block, or an accumulating product); else store
+
+  const T* a_row(int64_t b) const { return a + b * a_row_stride; }
+  const T* panel(int64_t p) const { return panels + p * panel_size; }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t c0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, columns - c0);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* v = acc + r * kGroups * L;
+      T* o = c + (b0 + r) * ldc + c0;
+      if (add) {
+        for (int64_t j = 0; j < width; ++j) o[j] += v[j];
+      } else {
+        for (int64_t j = 0; j < width; ++j) o[j] = v[j];
+      }
+    }
+  }
+};
+
+GATEDRNN_TILE_KERNELS(run_matmul_tiles, MatmulTiles, "matmul")
+
+constexpr int64_t kDepthBlock = 256;
+
+template <typename T>
+void tile_matmul_typed(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t m = a.size(0), depth = a.size(1), n = b.size(1), L = tile_lanes<T>();
+  if (m == 0 || n == 0) return;
+  if (depth == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  const auto packed = pack_tiles(b.t(), 4, L, Columns::Contiguous);  // [tiles, K, 4, L]
+  const int64_t tiles = packed.size(0);
+  const MatmulTiles<T> base{a.const_data_ptr<T>(), a.stride(0), a.stride(1), packed.const_data_ptr<T>(),
+                            packed.stride(0), 0, c.data_ptr<T>(), c.stride(0), n, m, false};
+  run_team([&](const Team& team) {
+    auto mt = base;
+    const auto share = share_of(tile_items(mt, tiles), team.tid, team.threads);
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
+      mt.k = std::min(kDepthBlock, depth - k0);
+      mt.a = base.a + k0 * base.a_step;
+      mt.panels = base.panels + k0 * 4 * L;
+      mt.add = accumulate || k0 > 0;
+      run_matmul_tiles(mt, share.begin, share.end);
+    }
+  });
+}
+
+// c (+)= a @ b on the tiles; c's rows must be contiguous.
+void tile_matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(c.stride(1) == 1 || c.size(1) <= 1);
+  if (c.scalar_type() == at::kDouble) {
+    tile_matmul_typed<double>(c, a, b, accumulate);
+  } else {
+    tile_matmul_typed<float>(c, a, b, accumulate);
+  }
+}
+
+enum class Gemm { Tiles, Aten };
+
+// The faster of the two on a product of the post-loop kind (a transposed A, depth longer than wide), timed
+// once per process, best of three each.
+Gemm choose_gemm() {
+  static const Gemm chosen = [] {
+    const char* forced = std::getenv("GATEDRNN_CPU_GEMM");
+    if (forced && std::strcmp(forced, "tiles") == 0) return Gemm::Tiles;
+    if (forced && std::strcmp(forced, "aten") == 0) return Gemm::Aten;
+    const auto a = at::randn({1024, 384}), b = at::randn({1024, 256});
+    auto c = at::empty({384, 256});
+    const auto best_of_three = [&](Gemm g) {
+      double best = 1e30;
+      for (int i = 0; i < 4; ++i) {  // the first is a warm-up
+        const auto start = std::chrono::steady_clock::now();
+        if (g == Gemm::Tiles) {
+          tile_matmul(c, a.t(), b, false);
+        } else {
+          at::mm_out(c, a.t(), b);
+        }
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (i > 0) best = std::min(best, s);
+      }
+      return best;
+    };
+    return best_of_three(Gemm::Tiles) <= best_of_three(Gemm::Aten) ? Gemm::Tiles : Gemm::Aten;
+  }();
+  return chosen;
+}
+
+}  // namespace
+
+const char* gemm_name() { return choose_gemm() == Gemm::Tiles ? "tiles" : "aten"; }
+
+void cpu_matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (choose_gemm() == Gemm::Tiles) return tile_matmul(c, a, b, accumulate);
+  aten_matmul(c, a, b, accumulate);
+}
+
+}  // namespace gatedrnn::cpu

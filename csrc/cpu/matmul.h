@@ -1,0 +1,26 @@
+// The large products after a backward loop (layer_grads.h: input, weight and projection gradients) on the
+// CPU tiles, when they are faster than ATen's GEMM on this machine.
+//
+// C (+)= A @ B for any strides of A and B: B is packed into Contiguous tiles (a copy of B, which the product
+// then reads MR rows at a time), A is read in place (a transposed view such as dG^T is a strided A, whose
+// MR rows per k are neighbours in one cache line). The depth is split into blocks of kDepthBlock, so that a
+// tile's panel block stays in L2 while every row block of A passes over it; each thread owns the same tiles
+// of C in every depth block, so the blocks need no barrier between them.
+//
+// Which GEMM runs is measured once per process (choose_gemm): on AMD CPUs, where MKL takes its generic
+// path, the tiles run about twice as fast as torch.mm; on others MKL may win. GATEDRNN_CPU_GEMM=tiles or
+// aten forces the choice; backend_info()["cpu_gemm"] names it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace gatedrnn::cpu {
+
+// c (+)= a @ b with the GEMM chosen for this process (c's rows contiguous); the post-loop products of the
+// CPU backward ops (LayerGradArgs::matmul).
+void cpu_matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// "tiles" or "aten": the GEMM cpu_matmul uses (measured at the first call).
+const char* gemm_name();
+
+}  // namespace gatedrnn::cpu
