@@ -48,20 +48,58 @@ constexpr int tile_rows(Isa isa, int groups) { return std::max(1, accumulator_bu
 
 inline int64_t tile_rows(int groups) { return tile_rows(cpu_isa(), groups); }
 
-// Packs op(W) for tile products. `w_nk` is [N, K]: its row n is output column n (so W_hh of a forward,
-// [G*H, R], is passed as is; a weight used as [K, N] is passed transposed). Returns [tiles, K, G, L] with
-// zeros in the columns past N (or past H in a gate's block), which the epilogues never store.
+// Packs op(W) for tile products. `w_nk` is [N, K], any strides: its row n is output column n (so W_hh of a
+// forward, [G*H, R], is passed as is; a weight used as [K, N] is passed transposed). Returns [tiles, K, G, L]
+// with zeros in the columns past N (or past H in a gate's block), which the epilogues never store.
+// A plain loop, parallel over tiles: ATen's copy of the equivalent 4-D permutation cost ~40 us at H=128.
+template <typename T>
+inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order, at::Tensor& out) {
+  const int64_t n = w_nk.size(0), k = w_nk.size(1), tiles = out.size(0);
+  const int64_t s0 = w_nk.stride(0), s1 = w_nk.stride(1), per_gate = n / groups;
+  const T* src = w_nk.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t width = groups * lanes;  // at most 4 groups x 16 lanes
+  TORCH_INTERNAL_ASSERT(width <= 64);
+  constexpr int64_t kBlock = 16;  // depth rows per block: a block of the tile (at most 4 KiB) stays in L1
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * width)), [&](int64_t p0, int64_t p1) {
+    const T* columns[64];  // the source row of each of the tile's columns; null: padding
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t unit = p * lanes + l;
+          const int64_t column = order == Columns::GateMajor ? (unit < per_gate ? g * per_gate + unit : n)
+                                                             : (p * groups + g) * lanes + l;
+          columns[g * lanes + l] = column < n ? src + column * s0 : nullptr;
+        }
+      }
+      T* tile = dst + p * k * width;
+      for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
+        const int64_t depth = std::min(kBlock, k - k0);
+        T* d = tile + k0 * width;
+        for (int64_t c = 0; c < width; ++c) {
+          if (columns[c] == nullptr) {
+            for (int64_t kk = 0; kk < depth; ++kk) d[kk * width + c] = T(0);
+          } else {
+            const T* from = columns[c] + k0 * s1;
+            for (int64_t kk = 0; kk < depth; ++kk) d[kk * width + c] = from[kk * s1];
+          }
+        }
+      }
+    }
+  });
+}
+
+inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order);
+
 inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order) {
-  const int64_t n = w_nk.size(0), k = w_nk.size(1);
-  if (order == Columns::GateMajor) {
-    const int64_t per_gate = n / groups, tiles = (per_gate + lanes - 1) / lanes;
-    auto w = w_nk.reshape({groups, per_gate, k});
-    w = at::constant_pad_nd(w, {0, 0, 0, tiles * lanes - per_gate});
-    return w.view({groups, tiles, lanes, k}).permute({1, 3, 0, 2}).contiguous();
+  const int64_t tiles = tile_count(w_nk.size(0), groups, lanes, order);
+  auto out = at::empty({tiles, w_nk.size(1), groups, lanes}, w_nk.options());
+  if (w_nk.scalar_type() == at::kDouble) {
+    pack_tiles_typed<double>(w_nk, groups, lanes, order, out);
+  } else {
+    pack_tiles_typed<float>(w_nk, groups, lanes, order, out);
   }
-  const int64_t width = groups * lanes, tiles = (n + width - 1) / width;
-  const auto w = at::constant_pad_nd(w_nk, {0, 0, 0, tiles * width - n});
-  return w.view({tiles, groups, lanes, k}).permute({0, 3, 1, 2}).contiguous();
+  return out;
 }
 
 inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order) {
@@ -88,23 +126,38 @@ struct VectorOf {
   typedef T unaligned __attribute__((vector_size(L * sizeof(T)), aligned(alignof(T)), may_alias));
 };
 
-// out[r][g][l] = sum_k a[r][k * a_step] * panel[k][g][l] for r < MR (a_step is 1 unless kStrided).
+// acc[r][g] += a[r][k * a_step] * panel[k][g] (a_step is 1 unless kStrided).
+template <typename T, int L, int G, int MR, bool kStrided, typename Vec>
+GATEDRNN_ALWAYS_INLINE void accumulate_k(Vec (&acc)[MR][G], const T* const* a, int64_t a_step, int64_t k,
+                                         const T* panel) {
+  using Load = typename VectorOf<T, L>::unaligned;
+  // One load per register (a memcpy of all G into an array made GCC bounce them through the stack).
+  Vec w[G];
+  for (int g = 0; g < G; ++g) w[g] = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
+  for (int r = 0; r < MR; ++r) {
+    const T x = a[r][kStrided ? k * a_step : k];
+    for (int g = 0; g < G; ++g) acc[r][g] += x * w[g];
+  }
+}
+
+// out[r][g][l] = sum_k a[r][k * a_step] * panel[k][g][l] for r < MR.
 template <typename T, int L, int G, int MR, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void tile_product(const T* const* a, int64_t a_step, int64_t k_size, const T* panel, T* out) {
   using Vec = typename VectorOf<T, L>::type;
-  using Load = typename VectorOf<T, L>::unaligned;
-  Vec acc[MR][G];
-  for (int r = 0; r < MR; ++r)
-    for (int g = 0; g < G; ++g) acc[r][g] = Vec{};
-  for (int64_t k = 0; k < k_size; ++k) {
-    // One load per register (a memcpy of all G into an array made GCC bounce them through the stack).
-    Vec w[G];
-    for (int g = 0; g < G; ++g) w[g] = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
-    for (int r = 0; r < MR; ++r) {
-      const T x = a[r][kStrided ? k * a_step : k];
-      for (int g = 0; g < G; ++g) acc[r][g] += x * w[g];
+  Vec acc[MR][G] = {};
+  int64_t k = 0;
+  if constexpr (MR * G < 8) {
+    // Too few accumulators to cover the FMA latency (two pipes x four cycles): odd k go to a second,
+    // independent set, added at the end. This is the B=1 case.
+    Vec odd[MR][G] = {};
+    for (; k + 1 < k_size; k += 2) {
+      accumulate_k<T, L, G, MR, kStrided>(acc, a, a_step, k, panel);
+      accumulate_k<T, L, G, MR, kStrided>(odd, a, a_step, k + 1, panel);
     }
+    for (int r = 0; r < MR; ++r)
+      for (int g = 0; g < G; ++g) acc[r][g] += odd[r][g];
   }
+  for (; k < k_size; ++k) accumulate_k<T, L, G, MR, kStrided>(acc, a, a_step, k, panel);
   std::memcpy(out, acc, sizeof(acc));
 }
 
