@@ -1,19 +1,47 @@
-"""python -m benchmarks [--quick | --full] [--repeats N] [--devices cpu,cuda] [--filter TEXT]
+"""python -m benchmarks [--quick | --full] [--repeats N] [--devices cpu,cuda] [--filter TEXT] [--isa avx2]
 
 Times gatedrnn against torch.nn side by side (interleaved) on every available device, for the standard
 shapes: LSTM and GRU, inference and training, dense, 2-layer bidirectional and packed variable-length input.
 Each case is first checked for agreement (outputs, and input gradients when training); a case that
 disagrees is reported and not timed. Prints a table per device and writes JSON and a PNG chart to
-benchmarks/results/.
+benchmarks/results/. The CPU roofline is the faster of the two GEMMs torch ships (MKL and oneDNN), both
+measured in the same run and both printed; the instruction set each side runs is printed too.
+
+--isa avx2 runs the whole benchmark again in a subprocess with both sides capped at AVX2+FMA (gatedrnn by
+GATEDRNN_CPU_ISA=avx2, torch.nn's oneDNN by ONEDNN_MAX_CPU_ISA=AVX2, ATen's kernels by ATEN_CPU_CAPABILITY=avx2,
+MKL by MKL_ENABLE_INSTRUCTIONS=AVX2): what users with AVX2-only CPUs get.
 """
 import argparse
+import os
+import subprocess
 import sys
 
 import torch
 
 from .cases import standard_cases
-from .measure import gemm_roofline_gflops, measure
-from .report import device_name, output_stem, table, to_json, write_chart, write_json
+from .measure import gemm_rates, measure
+from .report import device_name, instruction_sets, output_stem, table, to_json, write_chart, write_json
+
+# --isa NAME: the environment of a subprocess whose both sides are capped at that instruction set.
+ISA_CAPS = {
+    "avx2": {"GATEDRNN_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def run_capped(isa, argv):
+    """Re-runs this command without --isa, in a subprocess with both sides capped at `isa`."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--isa":
+            skip = True
+        elif not arg.startswith("--isa="):
+            rest.append(arg)
+    env = dict(os.environ, **ISA_CAPS[isa])
+    print(f"capping both sides at {isa}: " + " ".join(f"{k}={v}" for k, v in ISA_CAPS[isa].items()), flush=True)
+    return subprocess.run([sys.executable, "-m", "benchmarks", *rest], env=env).returncode
 
 
 class Progress:
@@ -47,7 +75,11 @@ def main(argv=None):
     parser.add_argument("--devices", help="comma-separated subset of: " + ",".join(available_devices()))
     parser.add_argument("--filter", default="", help="only cases whose label contains this text")
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or PNG")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS),
+                        help="cap both sides' CPU instruction set (runs in a subprocess)")
     args = parser.parse_args(argv)
+    if args.isa:
+        return run_capped(args.isa, sys.argv[1:] if argv is None else argv)
     repeats = args.repeats or (3 if args.quick else 11)
     warmup = 1 if args.quick else 2
     devices = args.devices.split(",") if args.devices else available_devices()
@@ -58,11 +90,14 @@ def main(argv=None):
     plan = [(d, c) for d in devices for c in standard_cases(d, full=args.full) if args.filter in c.label()]
     print(f"gatedrnn benchmark: torch {torch.__version__}, {len(plan)} cases, median (min) of {repeats} "
           f"interleaved repeats")
-    runs = {}
+    runs, rates, isas = {}, {}, {}
     progress = Progress(len(plan))
     for device in devices:
         cases = [c for d, c in plan if d == device]
-        roofline = {dtype: gemm_roofline_gflops(device, dtype) for dtype in {c.dtype for c in cases}}
+        device_rates = {dtype: gemm_rates(device, dtype) for dtype in {c.dtype for c in cases}}
+        rates[device] = device_rates
+        roofline = {dtype: max(r.values()) for dtype, r in device_rates.items()}
+        isas[device] = instruction_sets() if device == "cpu" else {}
         results = []
         for case in cases:
             results.append(measure(case, device, repeats, warmup))
@@ -71,12 +106,17 @@ def main(argv=None):
     progress.close()
 
     for device, (results, roofline) in runs.items():
-        peaks = ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in roofline.items())
-        print(f"\n{device}: {device_name(device)} (GEMM roofline measured in this run: {peaks})")
+        peaks = "; ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s ("
+                          + ", ".join(f"{lib} {g:.0f}" for lib, g in rates[device][k].items()) + ")"
+                          for k, v in roofline.items())
+        print(f"\n{device}: {device_name(device)}")
+        print(f"GEMM roofline, the fastest GEMM measured in this run: {peaks}")
+        for name, isa in isas[device].items():
+            print(f"{name}: {isa}")
         print(table(results, roofline))
     if not args.no_save:
         stem = output_stem(runs)
-        print(f"\nwrote {write_json(to_json(runs, sys.argv[1:] if argv is None else argv), stem)}")
+        print(f"\nwrote {write_json(to_json(runs, sys.argv[1:] if argv is None else argv, rates, isas), stem)}")
         chart = write_chart(runs, stem)
         if chart:
             print(f"wrote {chart}")

@@ -186,20 +186,49 @@ def measure(case, device, repeats, warmup):
     return result
 
 
-def gemm_roofline_gflops(device, dtype, repeats=7):
-    """What this device's GEMM achieves, measured in the same run: the reference for 'fraction of roofline'.
-    The best of several large square products, since a roofline is a ceiling."""
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
+def _best_gflops(product, n, device, repeats):
     for _ in range(2):
-        torch.mm(a, b, out=c)
+        product()
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        torch.mm(a, b, out=c)
+        product()
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times) / 1e9
+
+
+def _onednn_linear(a, b):
+    """a @ b.T through oneDNN as torch ships it (the registered mkldnn ops, weight prepacked once), or None
+    where this torch has no such op for the dtype."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, a.size(0))
+        linear = torch.ops.mkldnn._linear_pointwise
+        linear(a, packed, None, "none", [], "")
+        return lambda: linear(a, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def gemm_rates(device, dtype, repeats=7):
+    """What this device's GEMMs achieve, measured in the same run: {library: GFLOP/s}, the best of several
+    large square products (a roofline is a ceiling). On the CPU both libraries torch ships are measured,
+    MKL (torch.mm) and oneDNN, since which is faster depends on the CPU (MKL runs its generic path on AMD)."""
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    if device != "cpu":
+        return {"cuBLAS": _best_gflops(lambda: torch.mm(a, b, out=c), n, device, repeats)}
+    rates = {"MKL" if torch.backends.mkl.is_available() else "torch.mm":
+             _best_gflops(lambda: torch.mm(a, b, out=c), n, device, repeats)}
+    onednn = _onednn_linear(a, b)
+    if onednn is not None:
+        rates["oneDNN"] = _best_gflops(onednn, n, device, repeats)
+    return rates
+
+
+def gemm_roofline_gflops(device, dtype, repeats=7):
+    """The roofline: the fastest GEMM of gemm_rates."""
+    return max(gemm_rates(device, dtype, repeats).values())

@@ -2,10 +2,12 @@
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import platform
 import re
 import subprocess
+import sys
 
 import torch
 
@@ -26,6 +28,31 @@ def device_name(device):
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} threads"
+
+
+def onednn_isa():
+    """The instruction set oneDNN (torch.nn's CPU LSTM) runs with here, as its verbose mode reports it: read
+    from a tiny torch.nn.LSTM in a subprocess, so that this process's settings stay untouched."""
+    code = "import torch; torch.nn.LSTM(8, 8)(torch.randn(3, 2, 8))"
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    for line in out.splitlines():
+        if ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return "unknown"
+
+
+def instruction_sets():
+    """Which instruction set each side runs on the CPU: {implementation: description}."""
+    info = gatedrnn.backend_info()
+    return {
+        "gatedrnn": f"{info['cpu_isa']} tiles, {info['cpu_threads']} team of {info['cpu_team_size']}, "
+                    f"post-loop GEMM {info['cpu_gemm']}",
+        "torch.nn": f"oneDNN {onednn_isa()}, ATen {torch.backends.cpu.get_cpu_capability()}",
+    }
 
 
 def commit():
@@ -83,8 +110,9 @@ def _case_dict(case):
     return d
 
 
-def to_json(runs, args):
-    """runs: {device: (results, roofline)}."""
+def to_json(runs, args, rates=None, isas=None):
+    """runs: {device: (results, roofline)}; rates: {device: {dtype: {library: GFLOP/s}}}; isas: {device:
+    instruction_sets()}."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
@@ -95,6 +123,9 @@ def to_json(runs, args):
             device: {
                 "name": device_name(device),
                 "gemm_roofline_gflops": {str(k).replace("torch.", ""): v for k, v in roofline.items()},
+                "gemm_rates_gflops": {str(k).replace("torch.", ""): v for k, v in (rates or {}).get(device, {}).items()},
+                "instruction_sets": (isas or {}).get(device, {}),
+                "isa_cap": os.environ.get("GATEDRNN_CPU_ISA", "native") if device == "cpu" else None,
                 "results": [
                     {
                         "case": _case_dict(r.case),

@@ -34,17 +34,20 @@ enum class Columns { GateMajor, Contiguous };
 // Bytes of one SIMD register, per instruction set: the tile's lane count is this over sizeof(T).
 constexpr int vector_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
 
-// Accumulator registers a tile may keep: 32 zmm hold 24 accumulators, G weights and a broadcast; 16 ymm
-// or xmm hold 9 (plus G weights and a broadcast; baseline SSE also needs a temporary for mul + add).
-constexpr int accumulator_budget(Isa isa) { return isa == Isa::Avx512 ? 24 : 9; }
+// Vector registers of the instruction set: 32 zmm with AVX-512, 16 ymm or xmm otherwise.
+constexpr int vector_registers(Isa isa) { return isa == Isa::Avx512 ? 32 : 16; }
 
 template <typename T>
 inline int64_t tile_lanes() {
   return vector_bytes(cpu_isa()) / int64_t(sizeof(T));
 }
 
-// Rows per tile for G column groups.
-constexpr int tile_rows(Isa isa, int groups) { return std::max(1, accumulator_budget(isa) / groups); }
+// Rows per tile for G column groups: each k keeps MR x G accumulators, MR broadcasts of A and one weight
+// register live (plus a temporary for baseline SSE, which has no FMA): AVX-512 takes 6 rows of 4 gates,
+// AVX2 3.
+constexpr int tile_rows(Isa isa, int groups) {
+  return std::max(1, (vector_registers(isa) - (isa == Isa::Baseline ? 2 : 1)) / (groups + 1));
+}
 
 inline int64_t tile_rows(int groups) { return tile_rows(cpu_isa(), groups); }
 
@@ -131,12 +134,13 @@ template <typename T, int L, int G, int MR, bool kStrided, typename Vec>
 GATEDRNN_ALWAYS_INLINE void accumulate_k(Vec (&acc)[MR][G], const T* const* a, int64_t a_step, int64_t k,
                                          const T* panel) {
   using Load = typename VectorOf<T, L>::unaligned;
-  // One load per register (a memcpy of all G into an array made GCC bounce them through the stack).
-  Vec w[G];
-  for (int g = 0; g < G; ++g) w[g] = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
-  for (int r = 0; r < MR; ++r) {
-    const T x = a[r][kStrided ? k * a_step : k];
-    for (int g = 0; g < G; ++g) acc[r][g] += x * w[g];
+  // MR broadcasts, then one weight register at a time, each used by MR FMAs: MR x G + MR + 1 registers.
+  // (A typed load per register: a memcpy of all G into an array made GCC bounce them through the stack.)
+  T x[MR];
+  for (int r = 0; r < MR; ++r) x[r] = a[r][kStrided ? k * a_step : k];
+  for (int g = 0; g < G; ++g) {
+    const Vec w = *reinterpret_cast<const Load*>(panel + (k * G + g) * L);
+    for (int r = 0; r < MR; ++r) acc[r][g] += x[r] * w;
   }
 }
 
