@@ -6,6 +6,7 @@
 #include "cpu/loops.h"
 #include "cpu/matmul.h"
 #include "cpu/team.h"
+#include "cpu/workspace.h"
 #include "schemas.h"
 
 TORCH_LIBRARY(gatedrnn, m) { gatedrnn::define_ops(m); }
@@ -39,6 +40,8 @@ PyObject* build_info(PyObject*, PyObject*) {
                        "cpu_team_size", gatedrnn::cpu::team_size(), "cpu_gemm", gatedrnn::cpu::gemm_name());
 }
 
+PyObject* scratch_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(gatedrnn::cpu::scratch_bytes()); }
+
 // {kernel label: calls} of the CPU tile kernels (csrc/cpu/counters.h), summed over dtypes.
 PyObject* kernel_calls(PyObject*, PyObject*) {
   PyObject* calls = PyDict_New();
@@ -60,6 +63,7 @@ PyObject* kernel_calls(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What the extension was compiled with."},
     {"kernel_calls", kernel_calls, METH_NOARGS, "Calls of each CPU tile kernel so far, by kernel."},
+    {"scratch_bytes", scratch_bytes, METH_NOARGS, "Bytes the CPU scratch buffers of all threads hold."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -55,3 +55,9 @@ def kernel_calls():
     lstm_input_projection, lstm_projection, lstm_backward_projection, gru_forward_step, gru_backward_step,
     gru_input_projection. The tests read it to prove the fused step kernels ran."""
     return dict(_C.kernel_calls())
+
+
+def scratch_bytes():
+    """Bytes that the CPU ops' per-thread scratch buffers hold now, all threads together: at most 256 MiB
+    per process (csrc/cpu/workspace.h), whatever the number of threads or the sequence length."""
+    return _C.scratch_bytes()

@@ -11,30 +11,33 @@ import pytest
 import gatedrnn
 
 CHECK = r"""
-import json, os, torch, gatedrnn
+import itertools, json, os, torch, gatedrnn
 if "TEST_THREADS" in os.environ:  # more threads than cores is allowed: it tests uneven shares
     torch.set_num_threads(int(os.environ["TEST_THREADS"]))
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 worst = {}
-for dtype, atol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+# (I, H, B): hidden sizes past every tile width (16, 8, 4 lanes) and batches past every row block.
+for (I, H, B), (dtype, atol) in itertools.product([(7, 24, 12), (3, 5, 1), (19, 33, 7)],
+                                                  [(torch.float64, 1e-10), (torch.float32, 1e-4)]):
     for mode, kwargs in [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=3)),
                          ("GRU", dict(num_layers=2, bidirectional=True))]:
         torch.manual_seed(0)
-        ref = getattr(nn, mode)(7, 24, **kwargs).to(dtype)
-        ours = getattr(gatedrnn, mode)(7, 24, **kwargs).to(dtype)
+        ref = getattr(nn, mode)(I, H, **kwargs).to(dtype)
+        ours = getattr(gatedrnn, mode)(I, H, **kwargs).to(dtype)
         ours.load_state_dict(ref.state_dict())
         for packed in (False, True):
             results = []
             for module in (ref, ours):
-                x = torch.randn(9, 12, 7, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
-                inp = pack_padded_sequence(x, torch.arange(12, 0, -1).clamp(max=9), enforce_sorted=False) if packed else x
+                x = torch.randn(9, B, I, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+                lengths = torch.arange(B, 0, -1).clamp(max=9)
+                inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
                 out = module(inp)[0]
                 out = out.data if packed else out
                 grads = torch.autograd.grad(out.square().sum(), [x] + list(module.parameters()))
                 results.append([out, *grads])
             err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
-            worst[f"{mode}{kwargs}-{dtype}-packed={packed}"] = (err, atol)
+            worst[f"{mode}{kwargs}-I{I}-H{H}-B{B}-{dtype}-packed={packed}"] = (err, atol)
 print(json.dumps({"info": gatedrnn.backend_info(), "worst": worst}))
 """
 
@@ -47,6 +50,7 @@ def run_variant(env_overrides):
 
 
 ISA_LEVELS = ["baseline", "avx2", "avx512"]
+GEMMS = ["tiles", "aten"]
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
@@ -67,3 +71,17 @@ def test_each_team_size(threads):
     assert report["info"]["cpu_team_size"] == threads
     for case, (err, atol) in report["worst"].items():
         assert err < atol, (case, err)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_each_post_loop_gemm(gemm):
+    """The backward's large products on the tiles and on torch.mm (GATEDRNN_CPU_GEMM forces one; by default
+    the faster here is taken, and named)."""
+    report = run_variant({"GATEDRNN_CPU_GEMM": gemm})
+    assert report["info"]["cpu_gemm"] == gemm
+    for case, (err, atol) in report["worst"].items():
+        assert err < atol, (case, err)
+
+
+def test_the_default_gemm_is_one_of_them():
+    assert gatedrnn.backend_info()["cpu_gemm"] in GEMMS

@@ -1,0 +1,181 @@
+"""The CPU tile kernels (csrc/cpu/tiles.h): they are what runs, they are right on shapes that fit no block
+(hidden sizes past a tile, batches past a row block, depths past the two-accumulator unroll, packed
+sequences), and what they keep in memory is bounded per process."""
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gatedrnn
+import gatedrnn.functional
+from gatedrnn import reference
+from utils import flat_outputs, weighted_sum
+
+
+def calls_during(fn):
+    """How many calls each tile kernel got while fn ran."""
+    before = gatedrnn._extension.kernel_calls()
+    fn()
+    after = gatedrnn._extension.kernel_calls()
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
+@pytest.mark.parametrize("mode,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0)])
+def test_the_fused_step_kernels_run_once_per_step_and_thread(mode, proj):
+    """One call of the fused step kernel per step and team member, forward and backward: the recurrent
+    product and the cell update are one kernel, not a GEMM followed by a pointwise pass."""
+    T, team = 7, gatedrnn.backend_info()["cpu_team_size"]
+    module = getattr(gatedrnn, mode)(5, 6, **({"proj_size": proj} if proj else {}))
+    x = torch.randn(T, 4, 5, requires_grad=True)
+    prefix = mode.lower()
+    with torch.no_grad():
+        infer = calls_during(lambda: module(x))
+    assert infer[f"{prefix}_forward_step"] == T * team
+    assert infer[f"{prefix}_input_projection"] == team  # one chunk of steps
+    assert infer[f"{prefix}_backward_step"] == 0
+    train = calls_during(lambda: module(x)[0].sum().backward())
+    assert train[f"{prefix}_forward_step"] == T * team
+    assert train[f"{prefix}_backward_step"] == T * team
+    if proj:
+        assert infer["lstm_projection"] == T * team
+        assert train["lstm_backward_projection"] == T * team
+
+
+def test_a_long_inference_call_projects_its_input_in_chunks():
+    """The input projection of an inference call is computed a chunk of steps at a time (so that its buffer
+    does not grow with T): more chunks for a longer sequence, each a single kernel call per thread."""
+    team = gatedrnn.backend_info()["cpu_team_size"]
+    module = gatedrnn.GRU(8, 256)  # 3 KiB of projection per row: about 1365 rows per 4 MiB chunk
+    with torch.no_grad():
+        short = calls_during(lambda: module(torch.randn(10, 64, 8)))["gru_input_projection"]
+        long = calls_during(lambda: module(torch.randn(400, 64, 8)))["gru_input_projection"]
+    assert short == team and long >= 10 * team
+
+
+# Shapes that fit no block: H past the tile width (16/8/4 lanes) and past a 4-group backward tile, B past
+# the row blocks (6/7 rows with AVX-512, 3 with AVX2, 2-3 baseline), input and state depths odd (the B=1
+# product splits k into even and odd halves).
+RAGGED = list(itertools.product([1, 5, 17, 70], [1, 3, 8, 13], [1, 3, 20]))
+
+
+def _compare_with_reference(mode, I, H, B, proj, packed):
+    """Outputs, final states and every gradient of the fused ops against the pure-PyTorch oracle (float64,
+    bidirectional, random initial states), through the same layer orchestration."""
+    torch.manual_seed(0)
+    module = getattr(gatedrnn, mode)(I, H, bidirectional=True, **({"proj_size": proj} if proj else {})).double()
+    weights = list(module._flat_weights)
+    T = 6
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    if packed:
+        lengths = torch.tensor([T] + [1 + (3 * k) % T for k in range(1, B)])
+        sequence = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        data, batch_sizes = sequence.data, sequence.batch_sizes
+    else:
+        data, batch_sizes = x, None
+    states = [torch.randn(2, B, proj or H, dtype=torch.float64)]
+    if mode == "LSTM":
+        states.append(torch.randn(2, B, H, dtype=torch.float64))
+    kwargs = dict(bidirectional=True, **({"proj": True} if proj else {}))
+
+    def run(implementation):
+        leaves = [t.detach().requires_grad_() for t in [data] + states + weights]
+        fn = getattr(implementation, mode.lower())
+        output, finals = fn(leaves[0], batch_sizes, *leaves[1:1 + len(states)], leaves[1 + len(states):], **kwargs)
+        outputs = [output] + list(finals if isinstance(finals, tuple) else (finals,))
+        return outputs + list(torch.autograd.grad(weighted_sum(outputs), leaves))
+
+    for actual, expected in zip(run(gatedrnn.functional), run(reference)):
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("H,B,I", RAGGED)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_ragged_shapes_against_the_reference(mode, H, B, I):
+    _compare_with_reference(mode, I, H, B, proj=0, packed=False)
+
+
+@pytest.mark.parametrize("H,B,I", [(17, 13, 3), (70, 8, 1), (5, 1, 20)])
+@pytest.mark.parametrize("proj", [0, 1, 4])
+def test_ragged_packed_and_projected_against_the_reference(H, B, I, proj):
+    if proj >= H:
+        pytest.skip("proj_size must be smaller than hidden_size")
+    _compare_with_reference("LSTM", I, H, B, proj=proj, packed=True)
+    if not proj:
+        _compare_with_reference("GRU", I, H, B, proj=0, packed=True)
+
+
+@pytest.mark.parametrize("H,B,I", [(17, 13, 3), (70, 1, 20)])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_ragged_shapes_against_torch_nn_float32(mode, H, B, I):
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(I, H, num_layers=2)
+    ours = getattr(gatedrnn, mode)(I, H, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, B, I)
+    results = []
+    for module in (ref, ours):
+        leaf = x.clone().requires_grad_()
+        output, states = flat_outputs(module(leaf))
+        grads = torch.autograd.grad(weighted_sum([output] + states), [leaf] + list(module.parameters()))
+        results.append([output] + states + list(grads))
+    for e, a in zip(*results):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+
+
+MEMORY_CHECK = textwrap.dedent(r"""
+    import json, os, sys, threading, torch, gatedrnn
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    impl = torch.nn if sys.argv[1] == "torch.nn" else gatedrnn
+    lstm, gru = impl.LSTM(512, 512), impl.GRU(512, 512)
+    x = torch.randn(200, 64, 512)
+    with torch.no_grad():
+        lstm(x)
+    base = rss_mib()
+    ready, release = [threading.Event() for _ in range(8)], threading.Event()
+    def work(event):
+        with torch.no_grad():
+            lstm(x), gru(x)
+        y = x.clone().requires_grad_()
+        lstm(y)[0].sum().backward()
+        gru(y)[0].sum().backward()
+        event.set()
+        release.wait()
+    threads = [threading.Thread(target=work, args=(e,)) for e in ready]
+    for t in threads:
+        t.start()
+    for e in ready:
+        e.wait()
+    scratch = gatedrnn._extension.scratch_bytes() if impl is gatedrnn else 0
+    rss = rss_mib() - base
+    release.set()
+    for t in threads:
+        t.join()
+    print(json.dumps({"rss_mib": rss, "scratch": scratch, "scratch_after": gatedrnn._extension.scratch_bytes()}))
+""")
+
+
+def _memory_after_eight_threads(impl):
+    result = subprocess.run([sys.executable, "-c", MEMORY_CHECK, impl], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_scratch_is_capped_per_process_not_per_thread():
+    """8 live threads, each of which ran LSTM and GRU inference and training at T=200 B=64 I=H=512 (52 MB of
+    gate gradients per backward call): the scratch all of them keep stays within the process cap (256 MiB,
+    where per-thread buffers would hold over 400 MiB), and is returned when the threads exit. Their RSS
+    grows no more than torch.nn's does under the same load plus that cap (glibc's per-thread arenas keep
+    freed memory for both alike)."""
+    ours = _memory_after_eight_threads("gatedrnn")
+    theirs = _memory_after_eight_threads("torch.nn")
+    cap = 256 * 2**20
+    assert 0 < ours["scratch"] <= cap
+    assert ours["scratch_after"] < 16 * 2**20  # the main thread's inference buffer
+    assert ours["rss_mib"] <= theirs["rss_mib"] + 256 + 256, (ours, theirs)
