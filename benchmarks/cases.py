@@ -67,12 +67,23 @@ STANDARD_SHAPES = [(100, 64, 512, 512), (50, 1, 128, 128), (100, 64, 256, 256), 
 LARGE_SHAPE = (100, 64, 1024, 1024)
 
 
+def bf16_cpu():
+    """The CPU has AVX512_BF16 and gatedrnn uses it (GATEDRNN_CPU_ISA does not cap it)."""
+    import gatedrnn
+
+    return gatedrnn.backend_info()["cpu_bf16_tiles"]
+
+
 def standard_cases(device, full=False):
     """Every case for one device: each shape, a 2-layer bidirectional and a packed variable-length case, for
-    LSTM and GRU, inference and training; float32, and bfloat16/float16 on GPU."""
+    LSTM and GRU, inference and training; float32, and bfloat16/float16 on GPU; on CPUs with AVX512_BF16 also
+    bfloat16 inference at T=100 B=64 I=H=512."""
     shapes = STANDARD_SHAPES + ([LARGE_SHAPE] if full or device == "cuda" else [])
     dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" else [])
     cases = []
+    if device == "cpu" and bf16_cpu():
+        # bfloat16 inference where the CPU computes in it (AVX512_BF16), against torch.nn's bfloat16 (oneDNN).
+        cases += [Case(mode, *STANDARD_SHAPES[0], False, dtype=torch.bfloat16) for mode in ("LSTM", "GRU")]
     for dtype in dtypes:
         for mode in ("LSTM", "GRU"):
             for training in (False, True):

@@ -221,8 +221,9 @@ def gemm_rates(device, dtype, repeats=7):
     c = torch.empty(n, n, device=device, dtype=dtype)
     if device != "cpu":
         return {"cuBLAS": _best_gflops(lambda: torch.mm(a, b, out=c), n, device, repeats)}
-    rates = {"MKL" if torch.backends.mkl.is_available() else "torch.mm":
-             _best_gflops(lambda: torch.mm(a, b, out=c), n, device, repeats)}
+    # torch.mm is MKL for float32/float64 where torch has MKL (bfloat16 goes through oneDNN there too).
+    mkl = torch.backends.mkl.is_available() and dtype in (torch.float32, torch.float64)
+    rates = {"MKL" if mkl else "torch.mm": _best_gflops(lambda: torch.mm(a, b, out=c), n, device, repeats)}
     onednn = _onednn_linear(a, b)
     if onednn is not None:
         rates["oneDNN"] = _best_gflops(onednn, n, device, repeats)

@@ -26,7 +26,9 @@ def backend_info():
     it), ``cpu_threads`` ("openmp": a team of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size``
     (threads in a team started now from this thread), ``cpu_gemm`` (the GEMM of the large products after a
     backward loop: "tiles", gatedrnn's own, or "aten", torch.mm; the faster on this machine, timed once per
-    process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``library``
+    process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs
+    its products in bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed
+    in float32), ``library``
     (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
@@ -44,6 +46,7 @@ def backend_info():
         "cpu_threads": build["cpu_threads"],
         "cpu_team_size": build["cpu_team_size"],
         "cpu_gemm": build["cpu_gemm"],
+        "cpu_bf16_tiles": build["cpu_bf16_tiles"],
         "library": _C.__file__,
         "torch": torch.__version__,
     }

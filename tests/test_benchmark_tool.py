@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import gatedrnn
+
 from benchmarks import __main__ as cli
 from benchmarks import measure, report
 from benchmarks.cases import Case, standard_cases
@@ -24,6 +26,11 @@ def test_standard_cases_cover_the_issue():
     assert not any(c.H == 1024 for c in cases)
     assert any(c.H == 1024 for c in standard_cases("cpu", full=True))
     assert {c.dtype for c in standard_cases("cuda")} == {torch.float32, torch.bfloat16, torch.float16}
+    bf16 = {c.label() for c in cases if c.dtype == torch.bfloat16}
+    if gatedrnn.backend_info()["cpu_bf16_tiles"]:
+        assert bf16 == {f"{m} infer T=100 B=64 I=512 H=512 bfloat16" for m in ("LSTM", "GRU")}
+    else:
+        assert not bf16
 
 
 def test_gemm_flops():

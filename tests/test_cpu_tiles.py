@@ -179,3 +179,86 @@ def test_scratch_is_capped_per_process_not_per_thread():
     assert 0 < ours["scratch"] <= cap
     assert ours["scratch_after"] < 16 * 2**20  # the main thread's inference buffer
     assert ours["rss_mib"] <= theirs["rss_mib"] + 256 + 256, (ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------- bfloat16
+def _has_bf16_tiles():
+    with torch.no_grad():
+        calls = calls_during(lambda: gatedrnn.GRU(3, 4).bfloat16()(torch.randn(2, 1, 3).bfloat16()))
+    return calls.get("gru_forward_step_bf16", 0) > 0
+
+
+HAS_BF16_TILES = _has_bf16_tiles()
+needs_bf16_tiles = pytest.mark.skipif(not HAS_BF16_TILES, reason="this CPU has no AVX512_BF16 (or its ISA is capped)")
+
+
+def _cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_bf16_tiles_are_used_exactly_where_the_cpu_has_avx512_bf16():
+    flags = _cpu_flags()
+    expected = "avx512_bf16" in flags and gatedrnn.backend_info()["cpu_isa"] == "avx512"
+    assert HAS_BF16_TILES == expected, (flags & {"avx512_bf16", "avx512f"}, gatedrnn.backend_info()["cpu_isa"])
+    assert gatedrnn.backend_info()["cpu_bf16_tiles"] == HAS_BF16_TILES
+
+
+@needs_bf16_tiles
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_bf16_inference_runs_the_bf16_tiles_and_training_the_float32_ones(mode):
+    module = getattr(gatedrnn, mode)(5, 6).bfloat16()
+    x = torch.randn(7, 3, 5).bfloat16()
+    prefix = mode.lower()
+    with torch.no_grad():
+        infer = calls_during(lambda: module(x))
+    assert infer[f"{prefix}_forward_step_bf16"] > 0 and infer[f"{prefix}_forward_step"] == 0
+    train = calls_during(lambda: module(x.requires_grad_())[0].float().sum().backward())
+    assert train[f"{prefix}_forward_step_bf16"] == 0 and train[f"{prefix}_forward_step"] > 0
+
+
+@needs_bf16_tiles
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("H,B,I,packed", [(17, 13, 3, False), (70, 1, 20, False), (33, 8, 7, True)])
+def test_bf16_inference_against_float64(mode, H, B, I, packed):
+    """bfloat16 products with float32 accumulation: within bfloat16's resolution of the float64 answer of
+    the same (bfloat16-rounded) weights and input, and no further from it than torch.nn's bfloat16 path
+    (oneDNN) where torch.nn has one."""
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(I, H, num_layers=2, bidirectional=True).bfloat16()
+    ours = getattr(gatedrnn, mode)(I, H, num_layers=2, bidirectional=True).bfloat16()
+    ours.load_state_dict(ref.state_dict())
+    exact_module = getattr(nn, mode)(I, H, num_layers=2, bidirectional=True).double()
+    exact_module.load_state_dict(ref.state_dict())
+    x = torch.randn(9, B, I).bfloat16()
+    lengths = torch.tensor([9] + [1 + (4 * k) % 9 for k in range(1, B)])
+
+    def run(module, dtype):
+        inp = x.to(dtype)
+        inp = pack_padded_sequence(inp, lengths, enforce_sorted=False) if packed else inp
+        with torch.no_grad():
+            output, states = flat_outputs(module(inp))
+        return [t.double() for t in [output] + states]
+
+    exact = run(exact_module, torch.float64)
+    for got, want, theirs in zip(run(ours, torch.bfloat16), exact, run(ref, torch.bfloat16)):
+        error = (got - want).abs().max().item()
+        torch_error = (theirs - want).abs().max().item()
+        assert error < 2e-2, error
+        assert error <= max(2 * torch_error, 4e-3), (error, torch_error)
+
+
+def test_capping_the_isa_turns_the_bf16_tiles_off():
+    code = ("import torch, gatedrnn; m = gatedrnn.LSTM(4, 5).bfloat16()\n"
+            "with torch.no_grad(): m(torch.randn(3, 2, 4).bfloat16())\n"
+            "c = gatedrnn._extension.kernel_calls(); print(c.get('lstm_forward_step_bf16', 0), c['lstm_forward_step'])")
+    env = dict(__import__("os").environ, GATEDRNN_CPU_ISA="avx2")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    bf16_calls, float_calls = map(int, result.stdout.split())
+    assert bf16_calls == 0 and float_calls > 0

@@ -19,6 +19,7 @@
 #include "../sequence.h"
 #include "loops.h"
 #include "matmul.h"
+#include "bf16.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -34,51 +35,54 @@ constexpr int64_t kGates = 3;
 constexpr int64_t kSaved = 4;  // r, z, n, hn per hidden unit
 
 template <typename T>
-using GruInputTiles = InputTiles<T, kGates>;
+using GruInputTiles = InputTiles<T, kGates>;  // float and double
 GATEDRNN_TILE_KERNELS(run_input_tiles, GruInputTiles, "gru_input_projection")
 
 // ------------------------------------------------------------------------------------------- forward
 // One forward step over GateMajor tiles: h_{t-1} @ W_hh^T for the three gates of L units, then the cell.
-template <typename T>
+// S: the type of h and of the weights (T, or bfloat16 for the bfloat16 tiles, which compute in float32
+// and round h_t once).
+template <typename T, typename S = T>
 struct ForwardTiles {
   using scalar = T;
+  using storage = S;
   static constexpr int kGroups = kGates;
-  const T* panels;
+  const S* panels;
   int64_t panel_size, k;  // k = H
-  const T* h0;            // [B, H]
-  T* output;              // [N, H]: h_{t-1} of the previous step's rows; h_t out
+  const S* h0;            // [B, H]
+  S* output;              // [N, H]: h_{t-1} of the previous step's rows; h_t out
   // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride. When saving these are
   // the first 3H columns of the [N, 4H] saved buffer, and the epilogue overwrites them with r, z, n, hn.
   T* input_proj;
   int64_t proj_row0, proj_stride;
   const T* bias_input;  // [3H]: b_ih + (b_hh's r and z parts, which enter the gates like b_ih), or null
   const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
-  T* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
+  S* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
   bool save;
   int64_t hidden, rows;
   Step step;
 
-  const T* a_row(int64_t b) const {
+  const S* a_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
   }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
+  const S* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L, bool kSave, bool kBias>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* gi = input_proj + (row - proj_row0) * proj_stride + j0;
-    const T* h = a_row(b) + j0;
-    T* out = output + row * H + j0;
-    T* hs = h_state + b * H + j0;
+    const S* h = a_row(b) + j0;
+    S* out = output + row * H + j0;
+    S* hs = h_state + b * H + j0;
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       T in[kGates];
       for (int64_t q = 0; q < kGates; ++q) in[q] = gi[q * H + l] + (kBias ? bias_input[q * H + j0 + l] : T(0));
       const T gh_n = kBias ? acc[2 * L + l] + bias_hn[j0 + l] : acc[2 * L + l];
       const auto a = gru_activate<T>(in[0], in[1], in[2], acc[l], acc[L + l], gh_n);
-      const T h_new = gru_hidden(a, h[l]);
-      out[l] = h_new;
-      hs[l] = h_new;
+      const T h_new = gru_hidden(a, from_storage<T>(h[l]));
+      out[l] = to_storage<S>(h_new);
+      hs[l] = to_storage<S>(h_new);
       if constexpr (kSave) store_gates(gi, H, l, a.r, a.z, a.n, a.hn);  // this row of the saved buffer
     }
   }
@@ -98,38 +102,46 @@ struct ForwardTiles {
 };
 
 GATEDRNN_TILE_KERNELS(run_forward_tiles, ForwardTiles, "gru_forward_step")
+#ifdef GATEDRNN_HAVE_BF16_TILES
+using Bf16InputTiles = InputTiles<float, kGates, c10::BFloat16>;
+GATEDRNN_BF16_TILE_KERNEL(run_input_tiles, Bf16InputTiles, "gru_input_projection_bf16")
+using Bf16ForwardTiles = ForwardTiles<float, c10::BFloat16>;
+GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "gru_forward_step_bf16")
+#endif
 
-template <typename T>
+// T: the type computed in; S: the type of x, h and the weights (T, or bfloat16 with T float, inference only).
+template <typename T, typename S = T>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                       const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, Tensor& saved,
                       Tensor& output2d, Tensor& hy, bool save) {
-  const int64_t H = s.hidden, G = kGates * H, L = tile_lanes<T>();
-  const auto ih = pack_tiles(w_ih, kGates, L, Columns::GateMajor);
-  const auto hh = pack_tiles(w_hh, kGates, L, Columns::GateMajor);
+  const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
+  TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
+  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor);
+  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) {  // inference: a projection buffer of one chunk
     int64_t most = 0;
     for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
-    saved = scratch_tensor(Scratch::Gates, {most, G}, x2d.options());
+    saved = scratch_tensor(Scratch::Gates, {most, G}, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   }
   // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
   const auto h0 = hy.clone();
   const int64_t stride = saved.stride(0);
 
-  GruInputTiles<T> input{x2d.const_data_ptr<T>(), ih.const_data_ptr<T>(), ih.stride(0), s.input_size, nullptr,
-                         stride, H, 0, 0};
-  ForwardTiles<T> cell{hh.const_data_ptr<T>(),
+  InputTiles<T, kGates, S> input{x2d.const_data_ptr<S>(), ih.const_data_ptr<S>(), ih.stride(0), s.input_size,
+                                 nullptr, stride, H, 0, 0};
+  ForwardTiles<T, S> cell{hh.const_data_ptr<S>(),
                        hh.stride(0),
                        H,
-                       h0.const_data_ptr<T>(),
-                       output2d.data_ptr<T>(),
+                       h0.const_data_ptr<S>(),
+                       output2d.data_ptr<S>(),
                        saved.data_ptr<T>(),
                        0,
                        stride,
                        bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
                        b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
-                       hy.data_ptr<T>(),
+                       hy.data_ptr<S>(),
                        save,
                        H,
                        0,
@@ -163,10 +175,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
                                                    bool save) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  // bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the projection
+  // buffer and the biases are float32. Otherwise everything in the compute dtype.
+  const bool bf16 = input_.scalar_type() == at::kBFloat16 && !save && bf16_tiles_available();
   const auto dtype = compute_dtype(input_.scalar_type());
-  const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
+  const auto kept = bf16 ? at::kBFloat16 : dtype;  // the dtype of x, h and the weights in the loop
+  const auto input = to_compute(input_, kept), w_ih = to_compute(w_ih_, kept), w_hh = to_compute(w_hh_, kept);
   const auto b_ih = to_compute(b_ih_, dtype), b_hh = to_compute(b_hh_, dtype);
-  auto hy = hx_.to(dtype, false, true).contiguous();
+  auto hy = hx_.to(kept, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
   // When saving, the projection is written straight into the saved buffer, whose rows the step's epilogue
@@ -180,14 +196,22 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-    gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy, save);
-  });
+#ifdef GATEDRNN_HAVE_BF16_TILES
+  if (bf16) {
+    gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy,
+                                           false);
+  } else
+#endif
+  {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
+      gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy, save);
+    });
+  }
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.hidden;
   const auto storage = input_.scalar_type();
-  if (!save) saved = at::empty({0}, input.options());
+  if (!save) saved = at::empty({0}, input.options().dtype(dtype));
   return {output2d.view(output_shape).to(storage), hy.to(storage), saved};
 }
 

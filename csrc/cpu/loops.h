@@ -75,6 +75,17 @@ inline const char* cpu_isa_name() {
 #define GATEDRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
+// Column orders of the tiles' weight panels (tiles.h): a cell's G gates for the same L hidden units
+// (GateMajor), or G*L consecutive columns (Contiguous).
+enum class Columns { GateMajor, Contiguous };
+
+// Tiles of L lanes and G groups that cover `columns` output columns.
+inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order) {
+  const int64_t width = order == Columns::GateMajor ? lanes : groups * lanes;
+  const int64_t per = order == Columns::GateMajor ? columns / groups : columns;
+  return (per + width - 1) / width;
+}
+
 // Writes four per-gate values of hidden unit j into a row laid out gate by gate ([4, H] or [4, stride]).
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void store_gates(T* row, int64_t stride, int64_t j, T v0, T v1, T v2, T v3) {

@@ -19,6 +19,7 @@
 #include "../sequence.h"
 #include "loops.h"
 #include "matmul.h"
+#include "bf16.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -39,28 +40,31 @@ GATEDRNN_TILE_KERNELS(run_store_tiles, StoreTiles, "lstm_projection")
 
 // ------------------------------------------------------------------------------------------- forward
 // One forward step over GateMajor tiles: h_{t-1} @ W_hh^T for the four gates of L units, then the cell.
-template <typename T>
+// S: the type of the recurrent state h and of the weights (T, or bfloat16 for the bfloat16 tiles, which
+// compute in float32 and round h_t once).
+template <typename T, typename S = T>
 struct ForwardTiles {
   using scalar = T;
+  using storage = S;
   static constexpr int kGroups = kGates;
-  const T* panels;
+  const S* panels;
   int64_t panel_size, k;  // k = R
-  const T* h0;            // [B, R]
-  T* output;              // [N, R]: h_{t-1} of the previous step's rows; h_t out (without projection)
+  const S* h0;            // [B, R]
+  S* output;              // [N, R]: h_{t-1} of the previous step's rows; h_t out (without projection)
   T* gates;               // input projection of rows from gates_row0 on; activations out when saving
   int64_t gates_row0;
   const T* bias;  // [4H]: b_ih + b_hh, or null
   T* c_state;     // [B, H]: c_{t-1} in, c_t out
-  T* h_state;     // [B, R]: each row's latest h_t (the final state at the end)
+  S* h_state;     // [B, R]: each row's latest h_t (the final state at the end)
   T* cells;       // [N, H]: saved c_t, or null
   T* pre_proj;    // [B, H]: h_t before the projection, or null
   int64_t hidden, state, rows;
   Step step;
 
-  const T* a_row(int64_t b) const {
+  const S* a_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
   }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
+  const S* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L, bool kSave, bool kProj, bool kBias>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
@@ -82,8 +86,8 @@ struct ForwardTiles {
       if constexpr (kProj) {
         pre_proj[b * H + j0 + l] = h_new;
       } else {
-        output[row * state + j0 + l] = h_new;
-        h_state[b * state + j0 + l] = h_new;
+        output[row * state + j0 + l] = to_storage<S>(h_new);
+        h_state[b * state + j0 + l] = to_storage<S>(h_new);
       }
     }
   }
@@ -112,15 +116,25 @@ struct ForwardTiles {
 };
 
 GATEDRNN_TILE_KERNELS(run_forward_tiles, ForwardTiles, "lstm_forward_step")
+#ifdef GATEDRNN_HAVE_BF16_TILES
+using Bf16InputTiles = InputTiles<float, kGates, c10::BFloat16>;
+GATEDRNN_BF16_TILE_KERNEL(run_input_tiles, Bf16InputTiles, "lstm_input_projection_bf16")
+using Bf16ForwardTiles = ForwardTiles<float, c10::BFloat16>;
+GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "lstm_forward_step_bf16")
+#endif
 
-template <typename T>
+// T: the type computed in; S: the type of x, h and the weights (T, or bfloat16 with T float, inference
+// without a projection only).
+template <typename T, typename S = T>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                        const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, Tensor& gates,
                        Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save) {
-  const int64_t H = s.hidden, R = s.state, G = kGates * H, L = tile_lanes<T>();
+  const int64_t H = s.hidden, R = s.state, G = kGates * H, L = lanes_for<S>();
   const bool proj = w_hr.has_value();
-  const auto ih = pack_tiles(w_ih, kGates, L, Columns::GateMajor);
-  const auto hh = pack_tiles(w_hh, kGates, L, Columns::GateMajor);
+  constexpr bool kSameTypes = std::is_same_v<S, T>;
+  TORCH_INTERNAL_ASSERT(kSameTypes || (!proj && !save));
+  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor);
+  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor);
   const auto hr = proj ? pack_tiles(*w_hr, kGates, L, Columns::Contiguous) : Tensor();
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
@@ -128,39 +142,35 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   if (!save) {  // inference: a projection buffer of one chunk
     int64_t most = 0;
     for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
-    gates = scratch_tensor(Scratch::Gates, {most, G}, x2d.options());
+    gates = scratch_tensor(Scratch::Gates, {most, G}, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   }
-  auto pre_proj = proj ? at::empty({s.batch, H}, x2d.options()) : Tensor();
-
-  LstmInputTiles<T> input{x2d.const_data_ptr<T>(), ih.const_data_ptr<T>(), ih.stride(0), s.input_size,
-                          nullptr, G, H, 0, 0};
-  ForwardTiles<T> cell{hh.const_data_ptr<T>(),
-                       hh.stride(0),
-                       R,
-                       hy.const_data_ptr<T>(),  // hy holds h0 until the rows' last steps write it
-                       output2d.data_ptr<T>(),
-                       gates.data_ptr<T>(),
-                       0,
-                       bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-                       cy.data_ptr<T>(),
-                       hy.data_ptr<T>(),
-                       save ? cells.data_ptr<T>() : nullptr,
-                       proj ? pre_proj.data_ptr<T>() : nullptr,
-                       H,
-                       R,
-                       0,
-                       Step{}};
-  StoreTiles<T> projection{proj ? pre_proj.const_data_ptr<T>() : nullptr,
-                           proj ? hr.const_data_ptr<T>() : nullptr,
-                           proj ? hr.stride(0) : 0,
-                           H,
-                           nullptr,
-                           hy.data_ptr<T>(),
-                           R,
-                           0};
+  auto pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
   // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
   const auto h0 = hy.clone();
-  cell.h0 = h0.const_data_ptr<T>();
+
+  InputTiles<T, kGates, S> input{x2d.const_data_ptr<S>(), ih.const_data_ptr<S>(), ih.stride(0), s.input_size,
+                                 nullptr, G, H, 0, 0};
+  ForwardTiles<T, S> cell{hh.const_data_ptr<S>(),
+                          hh.stride(0),
+                          R,
+                          h0.const_data_ptr<S>(),
+                          output2d.data_ptr<S>(),
+                          gates.data_ptr<T>(),
+                          0,
+                          bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+                          cy.data_ptr<T>(),
+                          hy.data_ptr<S>(),
+                          save ? cells.data_ptr<T>() : nullptr,
+                          proj ? pre_proj.data_ptr<T>() : nullptr,
+                          H,
+                          R,
+                          0,
+                          Step{}};
+  StoreTiles<T> projection{};
+  if constexpr (kSameTypes) {
+    if (proj) projection = {pre_proj.const_data_ptr<T>(), hr.const_data_ptr<T>(), hr.stride(0), H, nullptr,
+                            hy.data_ptr<T>(), R, 0};
+  }
 
   run_team([&](const Team& team) {
     auto in = input;
@@ -180,16 +190,46 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
         share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
         run_forward_tiles(st, share.begin, share.end);
         team.barrier();
-        if (proj) {
-          pr.rows = st.rows;
-          pr.out = st.output + st.step.offset * R;
-          share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
-          run_store_tiles(pr, share.begin, share.end);
-          team.barrier();
+        if constexpr (kSameTypes) {
+          if (proj) {
+            pr.rows = st.rows;
+            pr.out = st.output + st.step.offset * R;
+            share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
+            run_store_tiles(pr, share.begin, share.end);
+            team.barrier();
+          }
         }
       }
     }
   });
+}
+
+// bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the cell state,
+// the projection buffer and the biases are float32.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const LayerShape& s, const Tensor& input_,
+                                                                     const OptTensor& batch_sizes, const Tensor& hx_,
+                                                                     const Tensor& cx_, const Tensor& w_ih,
+                                                                     const Tensor& w_hh, const OptTensor& b_ih,
+                                                                     const OptTensor& b_hh, bool reverse) {
+#ifdef GATEDRNN_HAVE_BF16_TILES
+  const auto input = input_.contiguous();
+  const auto x2d = input.view({s.rows, s.input_size});
+  auto hy = hx_.clone().contiguous();
+  auto cy = cx_.to(at::kFloat, false, true).contiguous();
+  const auto f32 = input.options().dtype(at::kFloat);
+  const OptTensor bias =
+      b_ih.has_value() ? OptTensor((b_ih->to(at::kFloat) + b_hh->to(at::kFloat)).contiguous()) : std::nullopt;
+  auto output2d = at::empty({s.rows, s.state}, input.options());
+  auto gates = at::empty({0}, f32), cells = at::empty({0}, f32);
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  lstm_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, std::nullopt, bias, gates, output2d, hy, cy,
+                                          cells, false);
+  auto output_shape = input_.sizes().vec();
+  output_shape.back() = s.state;
+  return {output2d.view(output_shape), hy, cy.to(at::kBFloat16), at::empty({0}, f32), at::empty({0}, f32)};
+#else
+  TORCH_INTERNAL_ASSERT(false, "bfloat16 tiles are not compiled in");
+#endif
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
@@ -199,6 +239,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
                                                                     const OptTensor& w_hr_, bool reverse, bool save) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
+  if (input_.scalar_type() == at::kBFloat16 && !save && !w_hr_.has_value() && bf16_tiles_available()) {
+    return lstm_forward_bf16(s, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, reverse);
+  }
 
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);

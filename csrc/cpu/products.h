@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../sequence.h"
@@ -14,19 +15,21 @@ namespace gatedrnn::cpu {
 
 // The input projection x @ W_ih^T of packed rows [row0, row0 + rows), all G gates (GateMajor tiles),
 // stored into `out` (its row 0 is packed row row0; row stride out_stride, gate g at column g * hidden).
-// The biases are added later, by the step's epilogue.
-template <typename T, int G>
+// The biases are added later, by the step's epilogue. S: the type of x and W_ih (T, or bfloat16 with T
+// float for the bfloat16 tiles).
+template <typename T, int G, typename S = T>
 struct InputTiles {
   using scalar = T;
+  using storage = S;
   static constexpr int kGroups = G;
-  const T* x;  // [N, k]
-  const T* panels;
+  const S* x;  // [N, k]
+  const S* panels;
   int64_t panel_size, k;
   T* out;
   int64_t out_stride, hidden, row0, rows;
 
-  const T* a_row(int64_t b) const { return x + (row0 + b) * k; }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
+  const S* a_row(int64_t b) const { return x + (row0 + b) * k; }
+  const S* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
@@ -66,6 +69,45 @@ inline std::vector<Chunk> plan_chunks(const std::vector<Step>& schedule, int64_t
     i = c.last;
   }
   return chunks;
+}
+
+// Weights packed for the tiles of storage type S: float/double tiles of tile_lanes<S>() lanes, or the
+// bfloat16 tiles' k pairs.
+template <typename S>
+inline at::Tensor pack_for(const at::Tensor& w_nk, int64_t groups, Columns order) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return pack_tiles_bf16(w_nk, groups, order);
+  } else {
+    return pack_tiles(w_nk, groups, tile_lanes<S>(), order);
+  }
+}
+
+template <typename S>
+inline int64_t lanes_for() {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return kBf16Lanes;
+  } else {
+    return tile_lanes<S>();
+  }
+}
+
+// h_t as the storage type: bfloat16 rounded to nearest even, else as computed.
+template <typename S, typename T>
+GATEDRNN_ALWAYS_INLINE S to_storage(T x) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return round_to_bf16(x);
+  } else {
+    return x;
+  }
+}
+
+template <typename T, typename S>
+GATEDRNN_ALWAYS_INLINE T from_storage(S x) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return widen(x);
+  } else {
+    return x;
+  }
 }
 
 // Rows of an inference call's projection buffer: about 4 MiB, whatever T is.

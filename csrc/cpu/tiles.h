@@ -24,12 +24,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include "bf16.h"
 #include "counters.h"
 #include "loops.h"
 
 namespace gatedrnn::cpu {
-
-enum class Columns { GateMajor, Contiguous };
 
 // Bytes of one SIMD register, per instruction set: the tile's lane count is this over sizeof(T).
 constexpr int vector_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
@@ -92,8 +91,6 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
   });
 }
 
-inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order);
-
 inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order) {
   const int64_t tiles = tile_count(w_nk.size(0), groups, lanes, order);
   auto out = at::empty({tiles, w_nk.size(1), groups, lanes}, w_nk.options());
@@ -105,11 +102,6 @@ inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lan
   return out;
 }
 
-inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Columns order) {
-  const int64_t width = order == Columns::GateMajor ? lanes : groups * lanes;
-  const int64_t per = order == Columns::GateMajor ? columns / groups : columns;
-  return (per + width - 1) / width;
-}
 
 // The share [begin, end) of `items` that thread `tid` of `threads` takes. Items are numbered tile-major
 // (item = tile * row_blocks + row_block), so a thread keeps the same few weight panels, hot in its cache,
@@ -179,23 +171,43 @@ GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, i
 // rows, k (the product's depth), a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles
 // has an a_step), panel(p), and the epilogue finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L]
 // for rows b0.. of tile p.
+// The type of A and of the panels: Tiles::storage where a Tiles has one (bfloat16 tiles), else its scalar.
+template <typename Tiles>
+struct StorageOf {
+  using type = typename Tiles::scalar;
+};
+template <typename Tiles>
+  requires requires { typename Tiles::storage; }
+struct StorageOf<Tiles> {
+  using type = typename Tiles::storage;
+};
+
 template <typename Tiles, Isa kIsa, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
+  using S = typename StorageOf<Tiles>::type;
+  constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
   constexpr int G = Tiles::kGroups;
-  constexpr int L = vector_bytes(kIsa) / int(sizeof(T));
+  constexpr int L = kBf16 ? kBf16Lanes : vector_bytes(kIsa) / int(sizeof(T));
   constexpr int MR = tile_rows(kIsa, G);
   // Row blocks of balanced sizes (64 rows: nine of 6 and two of 5, rather than ten of 6 and one of 4):
   // a short block runs the product at a fraction of its speed.
   const int64_t row_blocks = (s.rows + MR - 1) / MR;
   const int64_t base = row_blocks ? s.rows / row_blocks : 0, extra = row_blocks ? s.rows % row_blocks : 0;
   alignas(64) T acc[MR * G * L];
-  const T* a[MR];
+  const S* a[MR];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / row_blocks, block = item % row_blocks;
     const int64_t b0 = block * base + std::min(block, extra), rows = base + (block < extra ? 1 : 0);
     for (int64_t r = 0; r < rows; ++r) a[r] = s.a_row(b0 + r);
-    tile_product_rows<T, L, G, MR, kStrided>(rows, a, a_step, s.k, s.panel(p), acc);
+#ifdef GATEDRNN_HAVE_BF16_TILES
+    if constexpr (kBf16) {
+      bf16_product<G, MR>(rows, a, s.k, s.panel(p), acc);
+    } else
+#endif
+    {
+      tile_product_rows<T, L, G, MR, kStrided>(rows, a, a_step, s.k, s.panel(p), acc);
+    }
     s.template finish<L>(acc, b0, rows, p);
   }
 }
@@ -237,6 +249,17 @@ inline int64_t tile_items(const Tiles& s, int64_t tiles) {
   void NAME(const TILES& s, int64_t b, int64_t e) {                  \
     COUNTER.calls.fetch_add(1, std::memory_order_relaxed);           \
     run_tiles<TILES, Isa::Baseline>(s, b, e);                        \
+  }
+#endif
+
+// A bfloat16 tile kernel (TILES with storage c10::BFloat16): only the AVX-512 version, which calls the
+// AVX512_BF16 products; the op runs it only where bf16_tiles_available().
+#ifdef GATEDRNN_HAVE_BF16_TILES
+#define GATEDRNN_BF16_TILE_KERNEL(NAME, TILES, LABEL)                                 \
+  KernelCounter NAME##_bf16_calls{LABEL};                                             \
+  GATEDRNN_TARGET_AVX512 void NAME(const TILES& s, int64_t b, int64_t e) {            \
+    NAME##_bf16_calls.calls.fetch_add(1, std::memory_order_relaxed);                  \
+    run_tiles<TILES, Isa::Avx512>(s, b, e);                                           \
   }
 #endif
 
