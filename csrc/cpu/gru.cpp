@@ -43,12 +43,7 @@ GATEDRNN_TILE_KERNELS(run_input_tiles, GruInputTiles, "gru_input_projection")
 // S: the type of h and of the weights (T, or bfloat16 for the bfloat16 tiles, which compute in float32
 // and round h_t once).
 template <typename T, typename S = T>
-struct ForwardTiles {
-  using scalar = T;
-  using storage = S;
-  static constexpr int kGroups = kGates;
-  const S* panels;
-  int64_t panel_size, k;  // k = H
+struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   const S* h0;            // [B, H]
   S* output;              // [N, H]: h_{t-1} of the previous step's rows; h_t out
   // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride. When saving these are
@@ -65,7 +60,6 @@ struct ForwardTiles {
   const S* a_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
   }
-  const S* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L, bool kSave, bool kBias>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
@@ -120,52 +114,34 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
   const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
-  if (!save) {  // inference: a projection buffer of one chunk
-    int64_t most = 0;
-    for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
-    saved = scratch_tensor(Scratch::Gates, {most, G}, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
-  }
+  if (!save) saved = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
   const auto h0 = hy.clone();
   const int64_t stride = saved.stride(0);
 
-  InputTiles<T, kGates, S> input{x2d.const_data_ptr<S>(), ih.const_data_ptr<S>(), ih.stride(0), s.input_size,
-                                 nullptr, stride, H, 0, 0};
-  ForwardTiles<T, S> cell{hh.const_data_ptr<S>(),
-                       hh.stride(0),
-                       H,
-                       h0.const_data_ptr<S>(),
-                       output2d.data_ptr<S>(),
-                       saved.data_ptr<T>(),
-                       0,
-                       stride,
-                       bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
-                       b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
-                       hy.data_ptr<S>(),
-                       save,
-                       H,
-                       0,
-                       Step{}};
+  const InputTiles<T, kGates, S> input{
+      {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, stride, H, 0, 0};
+  const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), H},
+                                h0.const_data_ptr<S>(),
+                                output2d.data_ptr<S>(),
+                                saved.data_ptr<T>(),
+                                0,
+                                stride,
+                                bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
+                                b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
+                                hy.data_ptr<S>(),
+                                save,
+                                H,
+                                0,
+                                Step{}};
 
   run_team([&](const Team& team) {
-    auto in = input;
-    auto st = cell;
-    for (const Chunk& chunk : chunks) {
-      in.row0 = chunk.row_begin;
-      in.rows = chunk.row_end - chunk.row_begin;
-      st.proj_row0 = save ? 0 : chunk.row_begin;
-      in.out = st.input_proj + (chunk.row_begin - st.proj_row0) * stride;
-      auto share = share_of(tile_items(in, unit_tiles), team.tid, team.threads);
-      run_input_tiles(in, share.begin, share.end);
+    const auto run_input = [](const auto& in, int64_t b, int64_t e) { run_input_tiles(in, b, e); };
+    forward_chunks(team, chunks, schedule, save, unit_tiles, input, cell, run_input, [&](const auto& st) {
+      const auto share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+      run_forward_tiles(st, share.begin, share.end);
       team.barrier();
-      for (size_t k = chunk.first; k < chunk.last; ++k) {
-        st.step = schedule[k];
-        st.rows = st.step.rows;
-        share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
-        run_forward_tiles(st, share.begin, share.end);
-        team.barrier();
-      }
-    }
+    });
   });
 }
 
@@ -224,11 +200,8 @@ constexpr int64_t kGradCols = 4;
 // One backward step over Contiguous tiles of 4L hidden units: dh_t = grad_output + carry + [dr, dz,
 // dhn]_{t+1} @ W_hh, then step t's derivative; the carry becomes the direct part dh_t * z reaching h_{t-1}.
 template <typename T>
-struct BackwardTiles {
-  using scalar = T;
+struct BackwardTiles : TileBase<T, 4> {
   static constexpr int kGroups = 4;
-  const T* panels;
-  int64_t panel_size, k;
   LaterRows<T> later;
   const T* saved;        // [N, 4H]: r, z, n, hn
   const T* output;       // [N, H]: h_t of every packed row (h_{t-1} of the next step)
@@ -240,7 +213,6 @@ struct BackwardTiles {
   Step step;
 
   const T* a_row(int64_t b) const { return later.row(b); }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
@@ -276,9 +248,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous);
   const auto zeros = at::zeros({kGates * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
-  BackwardTiles<T> cell{hh.const_data_ptr<T>(),
-                        hh.stride(0),
-                        kGates * H,
+  BackwardTiles<T> cell{{hh.const_data_ptr<T>(), hh.stride(0), kGates * H},
                         LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0},
                         saved.const_data_ptr<T>(),
                         output2d.const_data_ptr<T>(),

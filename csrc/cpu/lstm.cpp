@@ -36,23 +36,20 @@ constexpr int64_t kGates = 4;
 template <typename T>
 using LstmInputTiles = InputTiles<T, kGates>;
 GATEDRNN_TILE_KERNELS(run_input_tiles, LstmInputTiles, "lstm_input_projection")
-GATEDRNN_TILE_KERNELS(run_store_tiles, StoreTiles, "lstm_projection")
+GATEDRNN_TILE_KERNELS(run_store_tiles, ProductTiles, "lstm_projection")
 
 // ------------------------------------------------------------------------------------------- forward
 // One forward step over GateMajor tiles: h_{t-1} @ W_hh^T for the four gates of L units, then the cell.
 // S: the type of the recurrent state h and of the weights (T, or bfloat16 for the bfloat16 tiles, which
 // compute in float32 and round h_t once).
 template <typename T, typename S = T>
-struct ForwardTiles {
-  using scalar = T;
-  using storage = S;
-  static constexpr int kGroups = kGates;
-  const S* panels;
-  int64_t panel_size, k;  // k = R
+struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   const S* h0;            // [B, R]
   S* output;              // [N, R]: h_{t-1} of the previous step's rows; h_t out (without projection)
-  T* gates;               // input projection of rows from gates_row0 on; activations out when saving
-  int64_t gates_row0;
+  // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride (4H); activations out
+  // when saving.
+  T* input_proj;
+  int64_t proj_row0, proj_stride;
   const T* bias;  // [4H]: b_ih + b_hh, or null
   T* c_state;     // [B, H]: c_{t-1} in, c_t out
   S* h_state;     // [B, R]: each row's latest h_t (the final state at the end)
@@ -64,12 +61,11 @@ struct ForwardTiles {
   const S* a_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
   }
-  const S* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L, bool kSave, bool kProj, bool kBias>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
-    T* g = gates + (row - gates_row0) * kGates * H + j0;
+    T* g = input_proj + (row - proj_row0) * proj_stride + j0;
     T* c = c_state + b * H + j0;
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
@@ -139,68 +135,54 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
-  if (!save) {  // inference: a projection buffer of one chunk
-    int64_t most = 0;
-    for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
-    gates = scratch_tensor(Scratch::Gates, {most, G}, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
-  }
+  if (!save) gates = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   auto pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
   // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
   const auto h0 = hy.clone();
 
-  InputTiles<T, kGates, S> input{x2d.const_data_ptr<S>(), ih.const_data_ptr<S>(), ih.stride(0), s.input_size,
-                                 nullptr, G, H, 0, 0};
-  ForwardTiles<T, S> cell{hh.const_data_ptr<S>(),
-                          hh.stride(0),
-                          R,
-                          h0.const_data_ptr<S>(),
-                          output2d.data_ptr<S>(),
-                          gates.data_ptr<T>(),
-                          0,
-                          bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-                          cy.data_ptr<T>(),
-                          hy.data_ptr<S>(),
-                          save ? cells.data_ptr<T>() : nullptr,
-                          proj ? pre_proj.data_ptr<T>() : nullptr,
-                          H,
-                          R,
-                          0,
-                          Step{}};
-  StoreTiles<T> projection{};
+  const InputTiles<T, kGates, S> input{
+      {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
+  const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), R},
+                                h0.const_data_ptr<S>(),
+                                output2d.data_ptr<S>(),
+                                gates.data_ptr<T>(),
+                                0,
+                                G,
+                                bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+                                cy.data_ptr<T>(),
+                                hy.data_ptr<S>(),
+                                save ? cells.data_ptr<T>() : nullptr,
+                                proj ? pre_proj.data_ptr<T>() : nullptr,
+                                H,
+                                R,
+                                0,
+                                Step{}};
+  // h_t = pre_proj @ W_hr^T, into the step's output rows and the final state.
+  ProductTiles<T> projection{};
   if constexpr (kSameTypes) {
-    if (proj) projection = {pre_proj.const_data_ptr<T>(), hr.const_data_ptr<T>(), hr.stride(0), H, nullptr,
-                            hy.data_ptr<T>(), R, 0};
+    if (proj) {
+      projection = {{hr.const_data_ptr<T>(), hr.stride(0), H}, pre_proj.const_data_ptr<T>(), H, 1, nullptr,
+                    hy.data_ptr<T>(), R, R, 0, false};
+    }
   }
 
   run_team([&](const Team& team) {
-    auto in = input;
-    auto st = cell;
     auto pr = projection;
-    for (const Chunk& chunk : chunks) {
-      in.row0 = chunk.row_begin;
-      in.rows = chunk.row_end - chunk.row_begin;
-      st.gates_row0 = save ? 0 : chunk.row_begin;
-      in.out = st.gates + (chunk.row_begin - st.gates_row0) * G;
-      auto share = share_of(tile_items(in, unit_tiles), team.tid, team.threads);
-      run_input_tiles(in, share.begin, share.end);
+    const auto run_input = [](const auto& in, int64_t b, int64_t e) { run_input_tiles(in, b, e); };
+    forward_chunks(team, chunks, schedule, save, unit_tiles, input, cell, run_input, [&](const auto& st) {
+      auto share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
+      run_forward_tiles(st, share.begin, share.end);
       team.barrier();
-      for (size_t k = chunk.first; k < chunk.last; ++k) {
-        st.step = schedule[k];
-        st.rows = st.step.rows;
-        share = share_of(tile_items(st, unit_tiles), team.tid, team.threads);
-        run_forward_tiles(st, share.begin, share.end);
-        team.barrier();
-        if constexpr (kSameTypes) {
-          if (proj) {
-            pr.rows = st.rows;
-            pr.out = st.output + st.step.offset * R;
-            share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
-            run_store_tiles(pr, share.begin, share.end);
-            team.barrier();
-          }
+      if constexpr (kSameTypes) {
+        if (proj) {
+          pr.rows = st.rows;
+          pr.c = st.output + st.step.offset * R;
+          share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
+          run_store_tiles(pr, share.begin, share.end);
+          team.barrier();
         }
       }
-    }
+    });
   });
 }
 
@@ -272,11 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 // The gradient reaching each projected output r_t of a step (with proj_size): grad_output + the carry (the
 // final state's gradient, for rows that end here) + dG_{t+1} @ W_hh, stored into d_proj's rows.
 template <typename T>
-struct ProjectedGradTiles {
-  using scalar = T;
+struct ProjectedGradTiles : TileBase<T, 4> {
   static constexpr int kGroups = 4;
-  const T* panels;
-  int64_t panel_size, k;
   LaterRows<T> later;
   const T* grad_output;  // [N, R]
   T* carry;              // [B, R]
@@ -285,7 +264,6 @@ struct ProjectedGradTiles {
   Step step;
 
   const T* a_row(int64_t b) const { return later.row(b); }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
@@ -310,11 +288,8 @@ GATEDRNN_TILE_KERNELS(run_projected_grad_tiles, ProjectedGradTiles, "lstm_backwa
 // One backward step over Contiguous tiles of 4L hidden units: the gradient reaching h_t (dG_{t+1} @ W_hh
 // plus grad_output and the carry; or, with proj_size, d_proj's rows @ W_hr), then step t's cell derivative.
 template <typename T>
-struct BackwardTiles {
-  using scalar = T;
+struct BackwardTiles : TileBase<T, 4> {
   static constexpr int kGroups = 4;
-  const T* panels;
-  int64_t panel_size, k;
   LaterRows<T> later;    // A rows without projection
   const T* d_proj;       // A rows with projection: [N, R], or null
   const T* gates;        // [N, 4H] saved activations
@@ -329,7 +304,6 @@ struct BackwardTiles {
   Step step;
 
   const T* a_row(int64_t b) const { return d_proj ? d_proj + (step.offset + b) * state : later.row(b); }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
 
   template <bool kProj>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
@@ -387,9 +361,7 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
 
   const LaterRows<T> later{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0};
-  ProjectedGradTiles<T> projected{hh.const_data_ptr<T>(),
-                                  hh.stride(0),
-                                  G,
+  ProjectedGradTiles<T> projected{{hh.const_data_ptr<T>(), hh.stride(0), G},
                                   later,
                                   grad_out2d.const_data_ptr<T>(),
                                   carry.data_ptr<T>(),
@@ -397,9 +369,8 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
                                   R,
                                   0,
                                   Step{}};
-  BackwardTiles<T> cell{proj ? hr.const_data_ptr<T>() : hh.const_data_ptr<T>(),
-                        proj ? hr.stride(0) : hh.stride(0),
-                        proj ? R : G,
+  BackwardTiles<T> cell{{proj ? hr.const_data_ptr<T>() : hh.const_data_ptr<T>(), proj ? hr.stride(0) : hh.stride(0),
+                         proj ? R : G},
                         later,
                         proj ? d_proj.const_data_ptr<T>() : nullptr,
                         gates.const_data_ptr<T>(),

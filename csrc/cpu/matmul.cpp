@@ -9,43 +9,13 @@
 
 #include "../layer_grads.h"
 #include "team.h"
+#include "products.h"
 #include "tiles.h"
 
 namespace gatedrnn::cpu {
 namespace {
 
-// One depth block of C (+)= A @ B over Contiguous tiles of C's columns.
-template <typename T>
-struct MatmulTiles {
-  using scalar = T;
-  static constexpr int kGroups = 4;
-  const T* a;  // A[0][k0]
-  int64_t a_row_stride, a_step;
-  const T* panels;  // tile 0 at depth k0
-  int64_t panel_size, k;
-  T* c;
-  int64_t ldc, columns, rows;
-  bool add;  // add to C (a later depth block, or an accumulating product); else store
-
-  const T* a_row(int64_t b) const { return a + b * a_row_stride; }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
-
-  template <int L>
-  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
-    const int64_t c0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, columns - c0);
-    for (int64_t r = 0; r < n; ++r) {
-      const T* v = acc + r * kGroups * L;
-      T* o = c + (b0 + r) * ldc + c0;
-      if (add) {
-        for (int64_t j = 0; j < width; ++j) o[j] += v[j];
-      } else {
-        for (int64_t j = 0; j < width; ++j) o[j] = v[j];
-      }
-    }
-  }
-};
-
-GATEDRNN_TILE_KERNELS(run_matmul_tiles, MatmulTiles, "matmul")
+GATEDRNN_TILE_KERNELS(run_matmul_tiles, ProductTiles, "matmul")
 
 constexpr int64_t kDepthBlock = 256;
 
@@ -59,8 +29,16 @@ void tile_matmul_typed(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
   }
   const auto packed = pack_tiles(b.t(), 4, L, Columns::Contiguous);  // [tiles, K, 4, L]
   const int64_t tiles = packed.size(0);
-  const MatmulTiles<T> base{a.const_data_ptr<T>(), a.stride(0), a.stride(1), packed.const_data_ptr<T>(),
-                            packed.stride(0), 0, c.data_ptr<T>(), c.stride(0), n, m, false};
+  const ProductTiles<T> base{{packed.const_data_ptr<T>(), packed.stride(0), 0},
+                             a.const_data_ptr<T>(),
+                             a.stride(0),
+                             a.stride(1),
+                             c.data_ptr<T>(),
+                             nullptr,
+                             c.stride(0),
+                             n,
+                             m,
+                             false};
   run_team([&](const Team& team) {
     auto mt = base;
     const auto share = share_of(tile_items(mt, tiles), team.tid, team.threads);

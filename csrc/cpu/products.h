@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "../sequence.h"
+#include "team.h"
 #include "tiles.h"
+#include "workspace.h"
 
 namespace gatedrnn::cpu {
 
@@ -18,18 +20,12 @@ namespace gatedrnn::cpu {
 // The biases are added later, by the step's epilogue. S: the type of x and W_ih (T, or bfloat16 with T
 // float for the bfloat16 tiles).
 template <typename T, int G, typename S = T>
-struct InputTiles {
-  using scalar = T;
-  using storage = S;
-  static constexpr int kGroups = G;
+struct InputTiles : TileBase<T, G, S> {
   const S* x;  // [N, k]
-  const S* panels;
-  int64_t panel_size, k;
   T* out;
   int64_t out_stride, hidden, row0, rows;
 
-  const S* a_row(int64_t b) const { return x + (row0 + b) * k; }
-  const S* panel(int64_t p) const { return panels + p * panel_size; }
+  const S* a_row(int64_t b) const { return x + (row0 + b) * this->k; }
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
@@ -113,32 +109,66 @@ GATEDRNN_ALWAYS_INLINE T from_storage(S x) {
 // Rows of an inference call's projection buffer: about 4 MiB, whatever T is.
 inline int64_t chunk_rows(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t(4) << 20) / row_bytes); }
 
-// A plain product A @ op(W) over Contiguous tiles, stored into rows of `out` (row stride `columns`) and,
-// when `also` is set, into rows of `also` indexed by batch row (a step's final state).
-template <typename T>
-struct StoreTiles {
-  using scalar = T;
-  static constexpr int kGroups = 4;
-  const T* a;  // [rows, k]
-  const T* panels;
-  int64_t panel_size, k;
-  T* out;   // row 0 is the step's first row
-  T* also;  // [B, columns] or null
-  int64_t columns, rows;
+// An inference call's projection buffer: as many rows of `columns` as the largest chunk has.
+inline at::Tensor chunk_buffer(const std::vector<Chunk>& chunks, int64_t columns, const at::TensorOptions& options) {
+  int64_t most = 0;
+  for (const auto& c : chunks) most = std::max(most, c.row_end - c.row_begin);
+  return scratch_tensor(Scratch::Gates, {most, columns}, options);
+}
 
-  const T* a_row(int64_t b) const { return a + b * k; }
-  const T* panel(int64_t p) const { return panels + p * panel_size; }
+// The forward time loop of one team member, for LSTM and GRU alike: for each chunk of steps, the chunk's
+// input projection (InputTiles `in`, run by run_input), a barrier, then each step (run_step(st) runs the
+// step's tiles, and whatever phases follow, with their barriers). st.input_proj holds the projection of rows
+// from st.proj_row0 on: the whole sequence when saving (the saved activations overwrite it), else one chunk.
+template <typename In, typename St, typename RunInput, typename RunStep>
+inline void forward_chunks(const Team& team, const std::vector<Chunk>& chunks, const std::vector<Step>& schedule,
+                           bool save, int64_t unit_tiles, In in, St st, const RunInput& run_input,
+                           const RunStep& run_step) {
+  for (const Chunk& chunk : chunks) {
+    in.row0 = chunk.row_begin;
+    in.rows = chunk.row_end - chunk.row_begin;
+    st.proj_row0 = save ? 0 : chunk.row_begin;
+    in.out = st.input_proj + (chunk.row_begin - st.proj_row0) * st.proj_stride;
+    const auto share = share_of(tile_items(in, unit_tiles), team.tid, team.threads);
+    run_input(in, share.begin, share.end);
+    team.barrier();
+    for (size_t k = chunk.first; k < chunk.last; ++k) {
+      st.step = schedule[k];
+      st.rows = st.step.rows;
+      run_step(st);
+    }
+  }
+}
+
+// A plain product C (+)= A @ op(W) over Contiguous tiles: row b of A at a + b * a_row_stride, its k elements
+// a_step apart (a transposed view is a strided A); row b of C at c + b * ldc. With `also`, each row of the
+// result is stored there too (a step's final state).
+template <typename T>
+struct ProductTiles : TileBase<T, 4> {
+  const T* a;
+  int64_t a_row_stride, a_step;
+  T* c;
+  T* also;  // [rows, columns] or null
+  int64_t ldc, columns, rows;
+  bool add;  // add to C (a later depth block, or an accumulating product); else store
+
+  const T* a_row(int64_t b) const { return a + b * a_row_stride; }
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
-    const int64_t c0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, columns - c0);
+    constexpr int G = 4;
+    const int64_t c0 = p * G * L, width = std::min<int64_t>(G * L, columns - c0);
     for (int64_t r = 0; r < n; ++r) {
-      const T* v = acc + r * kGroups * L;
-      T* o = out + (b0 + r) * columns + c0;
-      for (int64_t c = 0; c < width; ++c) o[c] = v[c];
+      const T* v = acc + r * G * L;
+      T* o = c + (b0 + r) * ldc + c0;
+      if (add) {
+        for (int64_t j = 0; j < width; ++j) o[j] += v[j];
+      } else {
+        for (int64_t j = 0; j < width; ++j) o[j] = v[j];
+      }
       if (also) {
         T* h = also + (b0 + r) * columns + c0;
-        for (int64_t c = 0; c < width; ++c) h[c] = v[c];
+        for (int64_t j = 0; j < width; ++j) h[j] = v[j];
       }
     }
   }

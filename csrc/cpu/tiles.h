@@ -171,21 +171,23 @@ GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, i
 // rows, k (the product's depth), a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles
 // has an a_step), panel(p), and the epilogue finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L]
 // for rows b0.. of tile p.
-// The type of A and of the panels: Tiles::storage where a Tiles has one (bfloat16 tiles), else its scalar.
-template <typename Tiles>
-struct StorageOf {
-  using type = typename Tiles::scalar;
-};
-template <typename Tiles>
-  requires requires { typename Tiles::storage; }
-struct StorageOf<Tiles> {
-  using type = typename Tiles::storage;
+// What every Tiles struct (see run_tiles) has: the type it computes in (T), the type of its A rows and
+// weight panels (S: T, or bfloat16 for the bfloat16 tiles), its column groups, and its packed weight.
+template <typename T, int G, typename S = T>
+struct TileBase {
+  using scalar = T;
+  using storage = S;
+  static constexpr int kGroups = G;
+  const S* panels;        // tile 0
+  int64_t panel_size, k;  // elements per tile; the product's depth
+
+  const S* panel(int64_t p) const { return panels + p * panel_size; }
 };
 
 template <typename Tiles, Isa kIsa, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
-  using S = typename StorageOf<Tiles>::type;
+  using S = typename Tiles::storage;
   constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
   constexpr int G = Tiles::kGroups;
   constexpr int L = kBf16 ? kBf16Lanes : vector_bytes(kIsa) / int(sizeof(T));
