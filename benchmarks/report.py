@@ -146,7 +146,8 @@ def to_json(runs, args, rates=None, isas=None):
 def output_stem(runs):
     date = datetime.datetime.now().strftime("%Y-%m-%d_%H%M")
     devices = "+".join(re.sub(r"[^A-Za-z0-9]+", "-", device_name(d).split(",")[0]).strip("-") for d in runs)
-    return f"{date}_{devices}_torch{torch.__version__.split('+')[0]}_{commit()}"
+    cap = os.environ.get("GATEDRNN_CPU_ISA")  # set by --isa: a capped run must not overwrite a native one
+    return f"{date}_{devices}{'_' + cap if cap else ''}_torch{torch.__version__.split('+')[0]}_{commit()}"
 
 
 def write_json(data, stem):
