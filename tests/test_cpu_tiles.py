@@ -129,7 +129,7 @@ def test_ragged_shapes_against_torch_nn_float32(mode, H, B, I):
 
 
 MEMORY_CHECK = textwrap.dedent(r"""
-    import json, os, sys, threading, torch, gatedrnn
+    import json, os, sys, threading, time, torch, gatedrnn
     def rss_mib():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     impl = torch.nn if sys.argv[1] == "torch.nn" else gatedrnn
@@ -157,7 +157,12 @@ MEMORY_CHECK = textwrap.dedent(r"""
     release.set()
     for t in threads:
         t.join()
-    print(json.dumps({"rss_mib": rss, "scratch": scratch, "scratch_after": gatedrnn._extension.scratch_bytes()}))
+    # join() returns when the Python thread is done; its C++ thread-locals are destroyed just after.
+    after, deadline = gatedrnn._extension.scratch_bytes(), time.time() + 10
+    while after >= 16 * 2**20 and time.time() < deadline:
+        time.sleep(0.05)
+        after = gatedrnn._extension.scratch_bytes()
+    print(json.dumps({"rss_mib": rss, "scratch": scratch, "scratch_after": after}))
 """)
 
 
@@ -177,7 +182,7 @@ def test_scratch_is_capped_per_process_not_per_thread():
     theirs = _memory_after_eight_threads("torch.nn")
     cap = 256 * 2**20
     assert 0 < ours["scratch"] <= cap
-    assert ours["scratch_after"] < 16 * 2**20  # the main thread's inference buffer
+    assert ours["scratch_after"] < 16 * 2**20  # the main thread's: inference chunk and packed weights
     assert ours["rss_mib"] <= theirs["rss_mib"] + 256 + 256, (ours, theirs)
 
 

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "loops.h"
+#include "workspace.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -61,10 +62,10 @@ GATEDRNN_ALWAYS_INLINE float widen(c10::BFloat16 x) {
 
 // Packs a bfloat16 [N, K] weight (row n: output column n; any strides) for the bfloat16 tiles:
 // [tiles, ceil(K/2), G, 16, 2], zeros past N (or past H in a gate's block) and past K.
-inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Columns order) {
+inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot) {
   const int64_t n = w_nk.size(0), k = w_nk.size(1), pairs = (k + 1) / 2, L = kBf16Lanes;
   const int64_t tiles = tile_count(n, groups, L, order), per_gate = n / groups, width = groups * L;
-  auto out = at::zeros({tiles, pairs, groups, L, 2}, w_nk.options().dtype(at::kBFloat16));
+  auto out = scratch_tensor(slot, {tiles, pairs, groups, L, 2}, w_nk.options().dtype(at::kBFloat16)).zero_();
   const auto w = w_nk.to(at::kBFloat16);
   const int64_t s0 = w.stride(0), s1 = w.stride(1);
   const c10::BFloat16* src = w.const_data_ptr<c10::BFloat16>();

@@ -110,8 +110,8 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                       Tensor& output2d, Tensor& hy, bool save) {
   const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
-  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor);
-  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor);
+  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
+  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) saved = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -245,7 +245,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                        Tensor& d_gates, Tensor& carry) {
   const int64_t H = s.hidden, G = kGradCols * H, L = tile_lanes<T>();
   // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
-  const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous);
+  const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
   const auto zeros = at::zeros({kGates * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
   BackwardTiles<T> cell{{hh.const_data_ptr<T>(), hh.stride(0), kGates * H},

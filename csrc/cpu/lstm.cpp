@@ -129,9 +129,9 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const bool proj = w_hr.has_value();
   constexpr bool kSameTypes = std::is_same_v<S, T>;
   TORCH_INTERNAL_ASSERT(kSameTypes || (!proj && !save));
-  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor);
-  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor);
-  const auto hr = proj ? pack_tiles(*w_hr, kGates, L, Columns::Contiguous) : Tensor();
+  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
+  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
+  const auto hr = proj ? pack_tiles(*w_hr, kGates, L, Columns::Contiguous, Scratch::PackedProjection) : Tensor();
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
@@ -354,8 +354,8 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   const bool proj = w_hr.has_value();
   // dh = dG @ W_hh ([4H, R]) and, with a projection, dh_pre = d_proj @ W_hr ([R, H]): both weights are
   // [K, N], packed from their transposes.
-  const auto hh = pack_tiles(w_hh.t(), kGates, L, Columns::Contiguous);
-  const auto hr = proj ? pack_tiles(w_hr->t(), kGates, L, Columns::Contiguous) : Tensor();
+  const auto hh = pack_tiles(w_hh.t(), kGates, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const auto hr = proj ? pack_tiles(w_hr->t(), kGates, L, Columns::Contiguous, Scratch::PackedProjection) : Tensor();
   const auto zeros = at::zeros({G}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, kGates, L, Columns::Contiguous);
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);

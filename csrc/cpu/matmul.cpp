@@ -27,7 +27,7 @@ void tile_matmul_typed(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
     if (!accumulate) c.zero_();
     return;
   }
-  const auto packed = pack_tiles(b.t(), 4, L, Columns::Contiguous);  // [tiles, K, 4, L]
+  const auto packed = pack_tiles(b.t(), 4, L, Columns::Contiguous, Scratch::PackedInput);  // [tiles, K, 4, L]
   const int64_t tiles = packed.size(0);
   const ProductTiles<T> base{{packed.const_data_ptr<T>(), packed.stride(0), 0},
                              a.const_data_ptr<T>(),

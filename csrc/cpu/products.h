@@ -70,11 +70,11 @@ inline std::vector<Chunk> plan_chunks(const std::vector<Step>& schedule, int64_t
 // Weights packed for the tiles of storage type S: float/double tiles of tile_lanes<S>() lanes, or the
 // bfloat16 tiles' k pairs.
 template <typename S>
-inline at::Tensor pack_for(const at::Tensor& w_nk, int64_t groups, Columns order) {
+inline at::Tensor pack_for(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    return pack_tiles_bf16(w_nk, groups, order);
+    return pack_tiles_bf16(w_nk, groups, order, slot);
   } else {
-    return pack_tiles(w_nk, groups, tile_lanes<S>(), order);
+    return pack_tiles(w_nk, groups, tile_lanes<S>(), order, slot);
   }
 }
 

@@ -27,6 +27,7 @@
 #include "bf16.h"
 #include "counters.h"
 #include "loops.h"
+#include "workspace.h"
 
 namespace gatedrnn::cpu {
 
@@ -91,9 +92,10 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
   });
 }
 
-inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order) {
+// Into this thread's scratch buffer `slot` (workspace.h): valid until the thread packs into it again.
+inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order, Scratch slot) {
   const int64_t tiles = tile_count(w_nk.size(0), groups, lanes, order);
-  auto out = at::empty({tiles, w_nk.size(1), groups, lanes}, w_nk.options());
+  auto out = scratch_tensor(slot, {tiles, w_nk.size(1), groups, lanes}, w_nk.options());
   if (w_nk.scalar_type() == at::kDouble) {
     pack_tiles_typed<double>(w_nk, groups, lanes, order, out);
   } else {

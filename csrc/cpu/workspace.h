@@ -1,6 +1,6 @@
 // Per-thread scratch buffers for large temporaries that never leave an op: the projection buffer of an
-// inference call (one chunk of steps, about 4 MiB whatever T is) and the gradient buffers of a backward
-// call. An op uses each slot for at most one tensor at a time.
+// inference call (one chunk of steps, about 4 MiB whatever T is), the gradient buffers of a backward call
+// and the weights packed for the tiles. An op uses each slot for at most one tensor at a time.
 //
 // Why: glibc serves allocations above 32 MiB with a fresh mmap, and the kernel then faults in and zeroes
 // every page on first touch. For an LSTM backward at T=100, B=64, H=512 (52 MB of gate gradients) that cost
@@ -17,7 +17,9 @@
 
 namespace gatedrnn::cpu {
 
-enum class Scratch { Gates, Projection, PreProjection, kCount };
+// Gates: an inference call's projection chunk, or a backward's gate gradients. Packed*: weights packed for
+// the tiles (tiles.h), which a call repacks every time (a fresh buffer would be faulted in every time).
+enum class Scratch { Gates, Projection, PreProjection, PackedInput, PackedRecurrent, PackedProjection, kCount };
 
 // Bytes all threads' scratch buffers may keep together.
 constexpr int64_t kProcessCap = int64_t(256) << 20;
