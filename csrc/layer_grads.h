@@ -53,6 +53,7 @@ inline at::Tensor recurrent_weight_grad(Matmul matmul, const at::Tensor& d_hidde
                                         bool reverse) {
   if (!dense) return product(matmul, d_hidden.t(), gather_previous_states(schedule, output2d, h0));
   const int64_t rows = output2d.size(0), batch = h0.size(0), later = rows - batch;
+  if (rows == 0) return at::zeros({d_hidden.size(1), h0.size(1)}, d_hidden.options());  // T = 0
   // Forward: rows [B, N) saw output rows [0, N - B). Reverse: rows [0, N - B) saw output rows [B, N).
   const auto d_first = d_hidden.narrow(0, reverse ? later : 0, batch);
   auto grad = product(matmul, d_first.t(), h0);

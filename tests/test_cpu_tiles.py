@@ -267,3 +267,31 @@ def test_capping_the_isa_turns_the_bf16_tiles_off():
     assert result.returncode == 0, result.stderr
     bf16_calls, float_calls = map(int, result.stdout.split())
     assert bf16_calls == 0 and float_calls > 0
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_an_empty_sequence_passes_the_state_gradient_through(mode):
+    """T = 0 at the op level (the modules refuse it, as torch.nn does): h_n is h0, so grad_hx is grad_hy (and
+    grad_cx is grad_cy); the weights get zero gradients."""
+    ops, H = torch.ops.gatedrnn, 4
+    x = torch.randn(0, 2, 3, dtype=torch.float64)
+    h, c, gh, gc = (torch.randn(2, H, dtype=torch.float64) for _ in range(4))
+    gates = 4 if mode == "LSTM" else 3
+    w_ih, w_hh = torch.randn(gates * H, 3, dtype=torch.float64), torch.randn(gates * H, H, dtype=torch.float64)
+    if mode == "LSTM":
+        out = ops.lstm_forward(x, None, h, c, w_ih, w_hh, None, None, None, False, True)
+        torch.testing.assert_close(out[1], h)
+        torch.testing.assert_close(out[2], c)
+        grads = ops.lstm_backward(out[0], gh, gc, x, None, h, c, w_ih, w_hh, None, out[0], out[3], out[4], False,
+                                  [True, True, True])
+        torch.testing.assert_close(grads[1], gh)
+        torch.testing.assert_close(grads[2], gc)
+        weight_grads = grads[3:5]
+    else:
+        out = ops.gru_forward(x, None, h, w_ih, w_hh, None, None, False, True)
+        torch.testing.assert_close(out[1], h)
+        grads = ops.gru_backward(out[0], gh, x, None, h, w_ih, w_hh, out[0], out[2], False, [True, True, True])
+        torch.testing.assert_close(grads[1], gh)
+        weight_grads = grads[2:4]
+    for g in weight_grads:
+        assert not g.abs().any()

@@ -440,8 +440,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, gates, cells, cx, w_hh, w_hr, d_gates, carry, dc, d_proj,
                                  hidden_pre_proj);
   });
-  // Every row's carry was consumed by its last step; h0 reaches the rows' first steps through W_hh.
-  auto dh = at::zeros_like(carry);
+  // Every row's carry was consumed (zeroed) by its last step, unless there was none (T = 0: h_n is h0);
+  // h0 reaches the rows' first steps through W_hh.
+  auto& dh = carry;
   add_initial_state_grad(dh, schedule, d_gates, w_hh);
 
   const auto x2d = input.view({s.rows, s.input_size});
