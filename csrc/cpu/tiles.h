@@ -169,6 +169,10 @@ GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, i
   tile_product<T, L, G, MR, kStrided>(a, a_step, k_size, panel, out);
 }
 
+// An epilogue (finish) must stay vectorisable, and two ways of writing it were seen to break that: a lambda
+// inside it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop
+// with a compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
+//
 // Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: scalar type, kGroups,
 // rows, k (the product's depth), a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles
 // has an a_step), panel(p), and the epilogue finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L]
