@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -64,7 +65,7 @@ GATEDRNN_ALWAYS_INLINE float widen(c10::BFloat16 x) {
 // [tiles, ceil(K/2), G, 16, 2], zeros past N (or past H in a gate's block) and past K.
 inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot) {
   const int64_t n = w_nk.size(0), k = w_nk.size(1), pairs = (k + 1) / 2, L = kBf16Lanes;
-  const int64_t tiles = tile_count(n, groups, L, order), per_gate = n / groups, width = groups * L;
+  const int64_t tiles = tile_count(n, groups, L, order), width = groups * L;
   auto out = scratch_tensor(slot, {tiles, pairs, groups, L, 2}, w_nk.options().dtype(at::kBFloat16)).zero_();
   const auto w = w_nk.to(at::kBFloat16);
   const int64_t s0 = w.stride(0), s1 = w.stride(1);
@@ -73,9 +74,7 @@ inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Column
   at::parallel_for(0, tiles, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t c = 0; c < width; ++c) {
-        const int64_t g = c / L, l = c % L, unit = p * L + l;
-        const int64_t column = order == Columns::GateMajor ? (unit < per_gate ? g * per_gate + unit : n)
-                                                           : (p * groups + g) * L + l;
+        const int64_t column = tile_column(order, p, c / L, c % L, groups, L, n);
         if (column >= n) continue;
         const c10::BFloat16* from = src + column * s0;
         c10::BFloat16* to = dst + p * pairs * width * 2 + c * 2;

@@ -106,8 +106,8 @@ GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "gru_forward_step
 // T: the type computed in; S: the type of x, h and the weights (T, or bfloat16 with T float, inference only).
 template <typename T, typename S = T>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
-                      const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, Tensor& saved,
-                      Tensor& output2d, Tensor& hy, bool save) {
+                      const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, const Tensor& h0,
+                      Tensor& saved, Tensor& output2d, Tensor& hy, bool save) {
   const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
   const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
@@ -115,8 +115,6 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) saved = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
-  // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
-  const auto h0 = hy.clone();
   const int64_t stride = saved.stride(0);
 
   const InputTiles<T, kGates, S> input{
@@ -158,6 +156,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   const auto kept = bf16 ? at::kBFloat16 : dtype;  // the dtype of x, h and the weights in the loop
   const auto input = to_compute(input_, kept), w_ih = to_compute(w_ih_, kept), w_hh = to_compute(w_hh_, kept);
   const auto b_ih = to_compute(b_ih_, dtype), b_hh = to_compute(b_hh_, dtype);
+  // h0 and hy are separate: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = to_compute(hx_, kept);
   auto hy = hx_.to(kept, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
@@ -174,13 +174,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
 #ifdef GATEDRNN_HAVE_BF16_TILES
   if (bf16) {
-    gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy,
-                                           false);
+    gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d,
+                                           hy, false);
   } else
 #endif
   {
     AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-      gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, saved, output2d, hy, save);
+      gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d, hy, save);
     });
   }
 

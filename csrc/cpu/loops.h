@@ -2,12 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 namespace gatedrnn::cpu {
 
@@ -84,6 +82,14 @@ inline int64_t tile_count(int64_t columns, int64_t groups, int64_t lanes, Column
   const int64_t width = order == Columns::GateMajor ? lanes : groups * lanes;
   const int64_t per = order == Columns::GateMajor ? columns / groups : columns;
   return (per + width - 1) / width;
+}
+
+// The output column that group g, lane l of tile p stands for in a weight of n columns (n / groups per gate
+// when GateMajor), or n where the tile is padded past the weight's (or the gate's) last column.
+inline int64_t tile_column(Columns order, int64_t p, int64_t g, int64_t l, int64_t groups, int64_t lanes, int64_t n) {
+  if (order == Columns::Contiguous) return std::min((p * groups + g) * lanes + l, n);
+  const int64_t per_gate = n / groups, unit = p * lanes + l;
+  return unit < per_gate ? g * per_gate + unit : n;
 }
 
 // Writes four per-gate values of hidden unit j into a row laid out gate by gate ([4, H] or [4, stride]).

@@ -123,8 +123,8 @@ GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "lstm_forward_ste
 // without a projection only).
 template <typename T, typename S = T>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
-                       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, Tensor& gates,
-                       Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save) {
+                       const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, const Tensor& h0,
+                       Tensor& gates, Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H, L = lanes_for<S>();
   const bool proj = w_hr.has_value();
   constexpr bool kSameTypes = std::is_same_v<S, T>;
@@ -137,8 +137,6 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) gates = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   auto pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
-  // h0 is read from a copy: hy is written by the rows' last steps while other rows may still read h0.
-  const auto h0 = hy.clone();
 
   const InputTiles<T, kGates, S> input{
       {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
@@ -196,6 +194,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
 #ifdef GATEDRNN_HAVE_BF16_TILES
   const auto input = input_.contiguous();
   const auto x2d = input.view({s.rows, s.input_size});
+  // h0 and hy are separate: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = hx_.contiguous();
   auto hy = hx_.clone().contiguous();
   auto cy = cx_.to(at::kFloat, false, true).contiguous();
   const auto f32 = input.options().dtype(at::kFloat);
@@ -204,8 +204,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
   auto output2d = at::empty({s.rows, s.state}, input.options());
   auto gates = at::empty({0}, f32), cells = at::empty({0}, f32);
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  lstm_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, std::nullopt, bias, gates, output2d, hy, cy,
-                                          cells, false);
+  lstm_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, std::nullopt, bias, h0, gates, output2d, hy,
+                                          cy, cells, false);
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
   return {output2d.view(output_shape), hy, cy.to(at::kBFloat16), at::empty({0}, f32), at::empty({0}, f32)};
@@ -228,6 +228,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
   const auto w_hr = to_compute(w_hr_, dtype);
+  // h0 and hy are separate: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = to_compute(hx_, dtype);
   auto hy = hx_.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
   auto cy = cx_.to(dtype, false, true).contiguous();
 
@@ -240,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
-    lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, gates, output2d, hy, cy, cells, save);
+    lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, h0, gates, output2d, hy, cy, cells, save);
   });
 
   auto output_shape = input_.sizes().vec();

@@ -14,12 +14,13 @@
 //    (p*G + g)*L + l.
 //
 // The kernels are written once with GCC vector types, generic over L and MR, and compiled three times,
-// for AVX-512, AVX2+FMA and baseline x86-64 (GATEDRNN_TILE_KERNEL), like the span kernels in loops.h; the
-// packing width L follows the instruction set chosen at load (cpu_isa()). The build passes
+// for AVX-512, AVX2+FMA and baseline x86-64 (GATEDRNN_TILE_KERNEL), the best the CPU has chosen at load;
+// the packing width L follows the instruction set chosen at load (cpu_isa()). The build passes
 // -ffp-contract=fast so that `acc += a * w` is one FMA.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
@@ -58,7 +59,7 @@ inline int64_t tile_rows(int groups) { return tile_rows(cpu_isa(), groups); }
 template <typename T>
 inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lanes, Columns order, at::Tensor& out) {
   const int64_t n = w_nk.size(0), k = w_nk.size(1), tiles = out.size(0);
-  const int64_t s0 = w_nk.stride(0), s1 = w_nk.stride(1), per_gate = n / groups;
+  const int64_t s0 = w_nk.stride(0), s1 = w_nk.stride(1);
   const T* src = w_nk.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t width = groups * lanes;  // at most 4 groups x 16 lanes
@@ -69,9 +70,7 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
         for (int64_t l = 0; l < lanes; ++l) {
-          const int64_t unit = p * lanes + l;
-          const int64_t column = order == Columns::GateMajor ? (unit < per_gate ? g * per_gate + unit : n)
-                                                             : (p * groups + g) * lanes + l;
+          const int64_t column = tile_column(order, p, g, l, groups, lanes, n);
           columns[g * lanes + l] = column < n ? src + column * s0 : nullptr;
         }
       }
@@ -103,7 +102,6 @@ inline at::Tensor pack_tiles(const at::Tensor& w_nk, int64_t groups, int64_t lan
   }
   return out;
 }
-
 
 // The share [begin, end) of `items` that thread `tid` of `threads` takes. Items are numbered tile-major
 // (item = tile * row_blocks + row_block), so a thread keeps the same few weight panels, hot in its cache,
@@ -169,14 +167,6 @@ GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, i
   tile_product<T, L, G, MR, kStrided>(a, a_step, k_size, panel, out);
 }
 
-// An epilogue (finish) must stay vectorisable, and two ways of writing it were seen to break that: a lambda
-// inside it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop
-// with a compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
-//
-// Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: scalar type, kGroups,
-// rows, k (the product's depth), a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles
-// has an a_step), panel(p), and the epilogue finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L]
-// for rows b0.. of tile p.
 // What every Tiles struct (see run_tiles) has: the type it computes in (T), the type of its A rows and
 // weight panels (S: T, or bfloat16 for the bfloat16 tiles), its column groups, and its packed weight.
 template <typename T, int G, typename S = T>
@@ -190,6 +180,13 @@ struct TileBase {
   const S* panel(int64_t p) const { return panels + p * panel_size; }
 };
 
+// Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: a TileBase, rows,
+// a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles has an a_step), and the epilogue
+// finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L] for rows b0.. of tile p.
+//
+// An epilogue must stay vectorisable, and two ways of writing it were seen to break that: a lambda inside
+// it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop with a
+// compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
 template <typename Tiles, Isa kIsa, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
