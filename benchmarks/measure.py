@@ -229,7 +229,3 @@ def gemm_rates(device, dtype, repeats=7):
         rates["oneDNN"] = _best_gflops(onednn, n, device, repeats)
     return rates
 
-
-def gemm_roofline_gflops(device, dtype, repeats=7):
-    """The roofline: the fastest GEMM of gemm_rates."""
-    return max(gemm_rates(device, dtype, repeats).values())
