@@ -6,79 +6,26 @@ reverse schedules, block tiling (several row blocks and unit tiles, ragged edges
 shape), K chunking, the backward carry and the tensor-core path's data flow, without a GPU. It cannot check
 the GPU's memory model, the tensor cores' fragment layouts or speed: tests/test_cuda.py does, on a GPU."""
 import itertools
-import os
-import pathlib
 
 import pytest
 import torch
-from torch.utils.cpp_extension import load
 
+import emulated_cuda
 import gatedrnn  # torch.ops.gatedrnn: the CPU ops, the oracle here
+from emulated_cuda import make_args, run_forward_backward
 from gatedrnn import _ops
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-T, I = 6, 5
 
 
 @pytest.fixture(scope="module")
 def emulated():
-    sources = [ROOT / "tests" / "cuda_emulation" / name for name in ("library.cpp", "lstm.cpp", "gru.cpp")]
-    name, flags, ldflags = "gatedrnn_emulated", ["-O1", "-g0", "-Wno-unused-parameter"], []
-    if os.environ.get("GATEDRNN_SANITIZE") == "1":  # .ci/sanitize: out-of-bounds indexing in a kernel is fatal
-        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-        name, flags, ldflags = name + "_sanitized", ["-O1", "-g", "-Wno-unused-parameter"] + sanitize, sanitize
-    load(name, [str(s) for s in sources], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False)
+    # .ci/sanitize runs this file with GATEDRNN_EMULATION_SANITIZER=address (out-of-bounds indexing in a kernel
+    # is fatal) and =thread (a race on shared memory is fatal).
+    emulated_cuda.load_library(emulated_cuda.sanitizer())
     # The package's fake kernels describe these ops too (same schemas), so that opcheck can run on them.
     for op in gatedrnn._extension.OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gatedrnn_emulated::{op}", "Meta"):
             torch.library.register_fake(f"gatedrnn_emulated::{op}")(getattr(_ops, f"_{op}_fake"))
     return torch.ops.gatedrnn_emulated
-
-
-def batch_sizes_for(lengths):
-    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(max(lengths))], dtype=torch.int64)
-
-
-def make_args(mode, batch, hidden, packed, bias, proj, dtype, seed=0):
-    """Arguments of the forward op (without reverse and save_for_backward), in float64 then cast."""
-    g = torch.Generator().manual_seed(seed)
-    gates = 4 if mode == "LSTM" else 3
-    state = proj or hidden
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    if packed:
-        lengths = sorted([T] + [1 + (3 * k) % T for k in range(1, batch)], reverse=True)
-        batch_sizes = batch_sizes_for(lengths)
-        x = randn(int(batch_sizes.sum()), I)
-    else:
-        batch_sizes, x = None, randn(T, batch, I)
-    h0 = randn(batch, state)
-    w_ih, w_hh = randn(gates * hidden, I, scale=0.5), randn(gates * hidden, state, scale=0.3)
-    b_ih, b_hh = (randn(gates * hidden), randn(gates * hidden)) if bias else (None, None)
-    if mode == "GRU":
-        return [x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh]
-    w_hr = randn(proj, hidden, scale=0.3) if proj else None
-    return [x, batch_sizes, h0, randn(batch, hidden), w_ih, w_hh, b_ih, b_hh, w_hr]
-
-
-def run_both(ops, mode, args, reverse, mask=(True, True, True), seed=1):
-    """Forward outputs and backward gradients of one op library."""
-    if mode == "LSTM":
-        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
-        out, hy, cy, gates, cells = ops.lstm_forward(*args, reverse, True)
-        g = torch.Generator().manual_seed(seed)
-        grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy, cy)]
-        backward = ops.lstm_backward(*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, reverse,
-                                     list(mask))
-        return [out, hy, cy, gates, cells], list(backward)
-    x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = args
-    out, hy, saved = ops.gru_forward(*args, reverse, True)
-    g = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy)]
-    backward = ops.gru_backward(*grads, x, batch_sizes, h0, w_ih, w_hh, out, saved, reverse, list(mask))
-    return [out, hy, saved], list(backward)
 
 
 def _configs():
@@ -102,8 +49,8 @@ def _id(config):
 def test_float64_matches_cpu_ops(emulated, config, batch):
     mode, packed, reverse, bias, proj = config
     args = make_args(mode, batch, 40, packed, bias, proj, torch.float64)
-    expected = run_both(torch.ops.gatedrnn, mode, args, reverse)
-    actual = run_both(emulated, mode, args, reverse)
+    expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse)
+    actual = run_forward_backward(emulated, mode, args, reverse)
     for part, (a_list, e_list) in zip(("forward", "backward"), zip(actual, expected)):
         for k, (a, e) in enumerate(zip(a_list, e_list)):
             assert a.dtype == e.dtype and a.shape == e.shape, (part, k)
@@ -114,8 +61,8 @@ def test_float64_matches_cpu_ops(emulated, config, batch):
 @pytest.mark.parametrize("mask", [(False, True, False), (True, False, True), (False, False, False)], ids=str)
 def test_output_mask(emulated, mode, mask):
     args = make_args(mode, 12, 40, True, True, 0, torch.float64)
-    expected = run_both(torch.ops.gatedrnn, mode, args, True, mask)[1]
-    actual = run_both(emulated, mode, args, True, mask)[1]
+    expected = run_forward_backward(torch.ops.gatedrnn, mode, args, True, mask)[1]
+    actual = run_forward_backward(emulated, mode, args, True, mask)[1]
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
@@ -128,9 +75,9 @@ def test_low_precision_against_float64(emulated, mode, proj, dtype, bound):
     """float32 (FMA) and float16/bfloat16 (the tensor-core path, emulated): every output and gradient within
     the dtype's resolution of the float64 answer, relative to each tensor's largest magnitude."""
     exact_args = make_args(mode, 40, 40, True, True, proj, torch.float64)
-    exact = run_both(torch.ops.gatedrnn, mode, exact_args, False)
+    exact = run_forward_backward(torch.ops.gatedrnn, mode, exact_args, False)
     args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in exact_args]
-    actual = run_both(emulated, mode, args, False)
+    actual = run_forward_backward(emulated, mode, args, False)
     saved_dtype = torch.float32 if dtype != torch.float32 else dtype
     for part, (a_list, e_list) in zip(("forward", "backward"), zip(actual, exact)):
         for k, (a, e) in enumerate(zip(a_list, e_list)):

@@ -6,6 +6,19 @@
 // barrier in __syncthreads(), and its __shared__ variables are function statics (one block runs at a time).
 // WMMA fragments hold whole tiles in every lane; the warp-collective calls give every lane the same result
 // and only lane 0 stores.
+//
+// Built for ThreadSanitizer (.ci/sanitize), this is a race detector for the kernels' shared memory: every
+// thread of a block reads and writes the one static object that stands for its shared memory (no copy per
+// thread), and the only ordering between a block's threads is the barrier's, so an access pair that no
+// __syncthreads() separates is reported as a data race. Each WMMA load reads the whole tile from shared
+// memory in every lane and each store writes the whole tile (from lane 0), so they count as real accesses
+// too; warp-collective calls imply no ordering between lanes here, as on GPUs with independent thread
+// scheduling. What this cannot see: races between blocks through global memory (blocks run one after
+// another), and warp-level primitives, which the kernels do not use.
+//
+// GATEDRNN_EMULATION_SKIP_BARRIER=FILE:LINE (e.g. step_tile.cuh:88) makes the __syncthreads() at that line a
+// no-op, in every thread alike: tests/test_cuda_races.py removes each barrier in turn this way and expects
+// ThreadSanitizer to report the race, which proves the detector sees every barrier's absence.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +26,9 @@
 #include <c10/util/Half.h>
 
 #include <barrier>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -82,7 +98,29 @@ void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, const Params& 
 #define threadIdx (::gatedrnn::cuda::emulation::thread_index)
 #define blockIdx (::gatedrnn::cuda::emulation::block_index)
 
-inline void __syncthreads() { gatedrnn::cuda::emulation::block_barrier->arrive_and_wait(); }
+namespace gatedrnn::cuda::emulation {
+
+// The barrier GATEDRNN_EMULATION_SKIP_BARRIER names, as "FILE:LINE" with FILE a base name ("" if none).
+inline const std::string& skipped_barrier() {
+  static const std::string site = [] {
+    const char* value = std::getenv("GATEDRNN_EMULATION_SKIP_BARRIER");
+    return std::string(value ? value : "");
+  }();
+  return site;
+}
+
+inline void sync_threads(const char* file, int line) {
+  const std::string& skipped = skipped_barrier();
+  if (!skipped.empty()) {
+    const char* slash = std::strrchr(file, '/');
+    if (skipped == std::string(slash ? slash + 1 : file) + ":" + std::to_string(line)) return;
+  }
+  block_barrier->arrive_and_wait();
+}
+
+}  // namespace gatedrnn::cuda::emulation
+
+#define __syncthreads() ::gatedrnn::cuda::emulation::sync_threads(__FILE__, __LINE__)
 
 namespace nvcuda::wmma {
 
