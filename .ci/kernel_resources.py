@@ -5,6 +5,11 @@ architecture, reports registers, shared memory, stack and local memory. Fails (e
 kernel uses a stack frame or local memory (register spills; ptxas -warn-spills -Werror already fails the
 build for spills, this also catches local arrays), or when a kernel is missing for an architecture.
 
+It also reads the SASS (cuobjdump -sass) of every step kernel and checks how it stages operands in shared
+memory (csrc/cuda/step_tile.cuh): between two barriers, no global load may come after a shared-memory
+store. A load issued after a store waits for it, so a staging loop that alternates loads and stores costs
+one L2 round trip per pair instead of one per chunk (the form this replaced had 13 such loads per kernel).
+
     python .ci/kernel_resources.py [LIBRARY] [--markdown]
 
 LIBRARY defaults to the installed gatedrnn._C. --markdown prints the README's table. cuobjdump is not in
@@ -81,6 +86,37 @@ def check(resources, archs):
     return problems
 
 
+def loads_after_shared_stores(sass):
+    """{(arch, demangled kernel name): number of global loads that follow a shared store before the next
+    barrier} for the gatedrnn step kernels in cuobjdump -sass output (instructions in address order)."""
+    counts, arch = {}, None
+    names, bodies = [], []
+    for part in re.split(r"\n(?=\s*(?:arch = sm_\d+|Function : ))", sass):
+        if m := re.match(r"\s*arch = (sm_\d+)", part):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", part):
+            if "_step" in m.group(1) and "gatedrnn" in m.group(1):
+                names.append((arch, m.group(1)))
+                bodies.append(part)
+    for (arch, mangled), name, body in zip(names, demangle([n for _, n in names]) if names else [], bodies):
+        late, stored = 0, False
+        for instruction in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", body):
+            opcode = instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
+            if opcode.startswith("BAR"):
+                stored = False
+            elif opcode.startswith("STS"):
+                stored = True
+            elif stored and opcode.startswith(("LDG", "LD.")):
+                late += 1
+        counts[(arch, name)] = late
+    return counts
+
+
+def read_staging(library):
+    dump = subprocess.run([find_cuobjdump(), "-sass", library], capture_output=True, text=True, check=True).stdout
+    return loads_after_shared_stores(dump)
+
+
 def markdown(resources, archs):
     table = collections.defaultdict(dict)
     for arch, name, usage in resources:
@@ -121,10 +157,16 @@ def main():
     for arch, name, usage in resources:
         print(f"{arch} {name}: " + " ".join(f"{k}={v}" for k, v in usage.items()))
     problems = check(resources, archs)
+    staging = read_staging(library)
+    problems += [f"{arch} {name}: {n} global loads after a shared store in one barrier interval"
+                 for (arch, name), n in staging.items() if n]
+    if len(staging) != len(resources):
+        problems.append(f"SASS read for {len(staging)} step kernel images, resource usage for {len(resources)}")
     for problem in problems:
         print("PROBLEM:", problem, file=sys.stderr)
     print(f"kernel_resources: {len(resources)} kernel images for {', '.join(archs)}; "
-          f"{'FAILED' if problems else 'no stack frames, no local memory, none missing'}")
+          f"{'FAILED' if problems else 'no stack frames, no local memory, none missing'}; staging: "
+          f"{'FAILED' if any(staging.values()) else 'every global load of a chunk before its first shared store'}")
     return 1 if problems else 0
 
 

@@ -1,10 +1,10 @@
-"""python -m benchmarks [--quick | --full] [--repeats N] [--devices cpu,cuda] [--filter TEXT] [--isa avx2]
+"""python -m benchmarks [--quick | --full] [--repeats N] [--devices cpu,cuda] [--filter TEXT] [--isa avx2] [--out DIR]
 
 Times gatedrnn against torch.nn side by side (interleaved) on every available device, for the standard
 shapes: LSTM and GRU, inference and training, dense, 2-layer bidirectional and packed variable-length input.
 Each case is first checked for agreement (outputs, and input gradients when training); a case that
 disagrees is reported and not timed. Prints a table per device and writes JSON and a PNG chart to
-benchmarks/results/. The CPU roofline is the faster of the two GEMMs torch ships (MKL and oneDNN), both
+benchmarks/results/ (or --out). The CPU roofline is the faster of the two GEMMs torch ships (MKL and oneDNN), both
 measured in the same run and both printed; the instruction set each side runs is printed too.
 
 --isa avx2 runs the whole benchmark again in a subprocess with both sides capped at AVX2+FMA (gatedrnn by
@@ -20,6 +20,7 @@ import torch
 
 from .cases import standard_cases
 from .measure import gemm_rates, measure
+from . import report
 from .report import device_name, instruction_sets, output_stem, table, to_json, write_chart, write_json
 
 # --isa NAME: the environment of a subprocess whose both sides are capped at that instruction set.
@@ -75,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--devices", help="comma-separated subset of: " + ",".join(available_devices()))
     parser.add_argument("--filter", default="", help="only cases whose label contains this text")
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or PNG")
+    parser.add_argument("--out", help="where the JSON and PNG go (default: benchmarks/results)")
     parser.add_argument("--isa", choices=sorted(ISA_CAPS),
                         help="cap both sides' CPU instruction set (runs in a subprocess)")
     args = parser.parse_args(argv)
@@ -115,9 +117,9 @@ def main(argv=None):
             print(f"{name}: {isa}")
         print(table(results, roofline))
     if not args.no_save:
-        stem = output_stem(runs)
-        print(f"\nwrote {write_json(to_json(runs, sys.argv[1:] if argv is None else argv, rates, isas), stem)}")
-        chart = write_chart(runs, stem)
+        stem, out = output_stem(runs), args.out or report.RESULTS_DIR
+        print(f"\nwrote {write_json(to_json(runs, sys.argv[1:] if argv is None else argv, rates, isas), stem, out)}")
+        chart = write_chart(runs, stem, out)
         if chart:
             print(f"wrote {chart}")
     disagreements = [r for results, _ in runs.values() for r in results if r.error]

@@ -56,6 +56,10 @@ def instruction_sets():
 
 
 def commit():
+    """The checked-out commit (short, "-dirty" with local changes); GATEDRNN_COMMIT names it where the tree is a
+    copy without git (the lent GPU machine, see .ci/gpu)."""
+    if os.environ.get("GATEDRNN_COMMIT"):
+        return os.environ["GATEDRNN_COMMIT"]
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -150,14 +154,15 @@ def output_stem(runs):
     return f"{date}_{devices}{'_' + cap if cap else ''}_torch{torch.__version__.split('+')[0]}_{commit()}"
 
 
-def write_json(data, stem):
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{stem}.json"
+def write_json(data, stem, directory=RESULTS_DIR):
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}.json"
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 
-def write_chart(runs, stem):
+def write_chart(runs, stem, directory=RESULTS_DIR):
     """A horizontal bar chart of gatedrnn's speed-up over torch.nn per case, one panel per device."""
     try:
         import matplotlib
@@ -186,8 +191,9 @@ def write_chart(runs, stem):
         for k, s in enumerate(speedups):
             ax.text(s, k, f" {s:.2f}x", va="center", fontsize=7)
     fig.tight_layout()
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{stem}.png"
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -60,6 +60,8 @@ def load_library(sanitizer_name=None):
     preload = os.environ.pop("LD_PRELOAD", None)
     try:
         optimise = ["-O1", "-g"] if sanitizer_name else ["-O1", "-g0"]
+        # std::barrier (emulation.h) is C++20; torch 2.11 and older build extensions as C++17.
+        optimise.append("-std=c++20")
         load(name, [str(s) for s in SOURCES], extra_cflags=optimise + ["-Wno-unused-parameter"] + flags,
              extra_ldflags=flags, is_python_module=False)
     finally:

@@ -82,3 +82,33 @@ def test_readme_states_the_compiled_kernel_resources(kernel_resources):
     readme = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
     start = readme.index(table[0])
     assert readme[start:start + len(table)] == table
+
+
+def _sass(*opcodes, arch="sm_90", name="_ZN8gatedrnn4cuda17lstm_forward_stepIfLi4EEEvv"):
+    lines = [f"\tarch = {arch}", f"\t\tFunction : {name}"]
+    lines += [f"        /*{16 * k:04x}*/                   {op} ;   /* 0x0000 */" for k, op in enumerate(opcodes)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def kernel_resources_module():
+    spec = importlib.util.spec_from_file_location("kernel_resources", ROOT / ".ci" / "kernel_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_staging_check_counts_global_loads_issued_after_a_shared_store(kernel_resources_module):
+    """.ci/kernel_resources.py's SASS check (run on the real build above), on hand-written SASS: a staging
+    loop that alternates loads and stores is counted, one that loads everything first is not, and a barrier
+    starts a new interval."""
+    count = kernel_resources_module.loads_after_shared_stores
+    alternating = _sass("LDG.E R1, desc[UR4][R2.64]", "STS [R3], R1", "LDG.E R5, desc[UR4][R2.64+0x400]",
+                        "STS [R3+0x400], R5", "@!P0 LD.E R7, desc[UR4][R8.64]", "STS [R9], R7", "BAR.SYNC.DEFER_BLOCKING 0x0")
+    batched = _sass("LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "@P1 LDG.E R8, desc[UR4][R10.64]", "STS.128 [R3], R4",
+                    "STS [R12], R8", "BAR.SYNC.DEFER_BLOCKING 0x0", "LDG.E R1, desc[UR4][R2.64+0x80]",
+                    "STS [R3], R1", "BAR.SYNC.DEFER_BLOCKING 0x0")
+    name = "void gatedrnn::cuda::lstm_forward_step<float, 4>()"
+    assert count(alternating) == {("sm_90", name): 2}
+    assert count(batched) == {("sm_90", name): 0}
+    assert count(_sass("STS [R3], R1", name="_ZN5other6kernelEv")) == {}  # not a gatedrnn step kernel

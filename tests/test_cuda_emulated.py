@@ -122,3 +122,20 @@ def test_hidden_size_beyond_the_largest_grid_is_refused(emulated):
     w_ih, w_hh = torch.empty(1, 1).expand(3 * hidden, 1), torch.empty(1, 1).expand(3 * hidden, hidden)
     with pytest.raises(RuntimeError, match="hidden_size 2097121 is too large for the CUDA kernels"):
         emulated.gru_forward(x, None, h0, w_ih, w_hh, None, None, False, False)
+
+
+def test_weights_at_an_odd_offset(emulated):
+    """hidden_size 32 with proj_size 1 is the one shape whose re-laid-out forward weight tile is a
+    contiguous view of W_hh itself: with W_hh one element into its storage, the 16-byte vector loads of
+    the staged tiles would be misaligned (UBSan's alignment check under .ci/sanitize) unless the tiles are a
+    fresh copy."""
+    args = make_args("LSTM", 5, 32, False, True, 1, torch.float64)
+    storage = torch.randn(args[5].numel() + 1, dtype=torch.float64)
+    w_hh = storage[1:].view_as(args[5]).copy_(args[5])
+    assert w_hh.storage_offset() == 1
+    args[5] = w_hh
+    expected = run_forward_backward(torch.ops.gatedrnn, "LSTM", args, False)
+    actual = run_forward_backward(emulated, "LSTM", args, False)
+    for a_list, e_list in zip(actual, expected):
+        for a, e in zip(a_list, e_list):
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)

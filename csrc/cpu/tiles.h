@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "bf16.h"
 #include "counters.h"
@@ -217,9 +219,16 @@ GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64
   }
 }
 
+// Whether Tiles reads A with a stride (has an a_step member). A C++17 trait, not a requires-expression:
+// torch 2.11 and older build extensions as C++17.
+template <typename Tiles, typename = void>
+struct HasStridedA : std::false_type {};
+template <typename Tiles>
+struct HasStridedA<Tiles, std::void_t<decltype(std::declval<const Tiles&>().a_step)>> : std::true_type {};
+
 template <typename Tiles, Isa kIsa>
 GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end) {
-  if constexpr (requires { s.a_step; }) {
+  if constexpr (HasStridedA<Tiles>::value) {
     if (s.a_step != 1) return run_tiles_with<Tiles, kIsa, true>(s, s.a_step, begin, end);
   }
   run_tiles_with<Tiles, kIsa, false>(s, 1, begin, end);

@@ -61,9 +61,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(co
   using Storage = TileStorage<scalar_t, kGates, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden;
-  set_tile_rows(tile, p.step.rows, [&](int64_t b) { return previous_state(p.output, p.h0, b, p.step, H); });
+  const auto a_rows =
+      tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) { return previous_state(p.output, p.h0, b, p.step, H); });
   acc_t acc[kGates][RPT] = {};
-  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * H * kGates * kTileUnits, H, acc);
+  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * H * kGates * kTileUnits, a_rows, H, acc);
 
   const int64_t j = tile_unit();
   if (j >= H) return;
@@ -164,11 +165,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(c
   using Storage = TileStorage<scalar_t, 1, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden;
-  set_tile_rows(tile, p.later_rows, [&](int64_t b) { return p.later_grads + b * kSaved * H; });
+  const auto a_rows =
+      tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * kSaved * H; });
   acc_t acc[1][RPT] = {};
   if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
     // [dr, dz, dhn] are the first 3H columns of the later step's d_gates rows.
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * kGates * H * kTileUnits, kGates * H, acc);
+    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * kGates * H * kTileUnits, a_rows, kGates * H, acc);
   }
 
   const int64_t j = tile_unit();

@@ -16,13 +16,22 @@ namespace gatedrnn::cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A fresh contiguous copy of a re-laid-out view. Never the caller's memory (which .contiguous() would return
+// when the view happens to be contiguous already): stage_chunk reads the tiles with vector loads of up to
+// 16 bytes, and only a fresh allocation is sure to be aligned for them.
+inline at::Tensor fresh_tiles(const at::Tensor& view) {
+  auto tiles = at::empty(view.sizes(), view.options());
+  tiles.copy_(view);
+  return tiles;
+}
+
 // W_hh [G*H, R] as the forward kernels read it: [ceil(H/J)][R][G][J] (J = kTileUnits), so that the G*J rows
 // of one block's hidden units are one contiguous slab, k-major. Units past H are zero rows.
 inline at::Tensor forward_weight_tiles(const at::Tensor& w_hh, int64_t gates, int64_t hidden) {
   const int64_t R = w_hh.size(1), tiles = ceil_div(hidden, kTileUnits), padded = tiles * kTileUnits;
   auto w = w_hh.contiguous().view({gates, hidden, R});
   if (padded != hidden) w = at::constant_pad_nd(w, {0, 0, 0, padded - hidden});
-  return w.view({gates, tiles, kTileUnits, R}).permute({1, 3, 0, 2}).contiguous();
+  return fresh_tiles(w.view({gates, tiles, kTileUnits, R}).permute({1, 3, 0, 2}));
 }
 
 // W_hh [K, R], transposed, as the backward kernels read it (dh_{t-1} = dG_t @ W_hh, block tiles over the
@@ -31,7 +40,7 @@ inline at::Tensor backward_weight_tiles(const at::Tensor& w_hh) {
   const int64_t K = w_hh.size(0), R = w_hh.size(1), tiles = ceil_div(R, kTileUnits), padded = tiles * kTileUnits;
   auto w = w_hh.contiguous();
   if (padded != R) w = at::constant_pad_nd(w, {0, padded - R});
-  return w.view({K, tiles, kTileUnits}).permute({1, 0, 2}).contiguous();
+  return fresh_tiles(w.view({K, tiles, kTileUnits}).permute({1, 0, 2}));
 }
 
 // Checks the CUDA entries add to checks.h: a CUDA input, and a grid the hardware can launch.

@@ -57,11 +57,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_forward_step(c
   using Storage = TileStorage<scalar_t, kGates, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   // h_{t-1}: the previous step's output row, or h0 for a row's first step.
-  set_tile_rows(tile, p.step.rows, [&](int64_t b) {
+  const auto a_rows = tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) {
     return b < p.step.prev_rows ? p.output + (p.step.prev_offset + b) * p.state : p.h0 + b * p.state;
   });
   acc_t acc[kGates][RPT] = {};
-  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * p.state * kGates * kTileUnits, p.state, acc);
+  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * p.state * kGates * kTileUnits, a_rows, p.state, acc);
 
   const int64_t H = p.hidden, j = tile_unit();
   if (j >= H) return;
@@ -191,10 +191,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_backward_step(
   using Storage = TileStorage<scalar_t, 1, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden, G = kGates * H;
-  set_tile_rows(tile, p.later_rows, [&](int64_t b) { return p.later_grads + b * G; });
+  const auto a_rows = tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * G; });
   acc_t acc[1][RPT] = {};
   if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * G * kTileUnits, G, acc);
+    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * G * kTileUnits, a_rows, G, acc);
   }
 
   const int64_t j = tile_unit();

@@ -6,10 +6,15 @@
 // never reach global memory.
 //
 // Both operands are staged through shared memory in chunks of kChunk along K. The weight tile is laid out
-// [K][NG][kTileUnits] (see launch.h), so a chunk is one contiguous, coalesced read. float32 and float64
-// accumulate by FMA in acc_t (float32 never uses TF32 here): thread x reads column x of the weight chunk
-// (consecutive threads, consecutive banks) and the A value all threads of its warp read (a broadcast).
-// float16 and bfloat16 run the chunk's product on tensor cores with float32 accumulators.
+// [K][NG][kTileUnits] (see launch.h), so a chunk is one contiguous, coalesced read. Each thread first loads
+// its whole share of a chunk into registers (16-byte vector loads of the weights, one element of each of its
+// A rows; trip counts fixed at compile time), and only then stores it to shared memory: all of a chunk's
+// global loads are in flight together instead of one L2 round trip per load-store pair. A thread's A rows
+// are pointers it computes itself from the kernel's parameters (never read back from shared memory), so
+// they compile to global loads. float32 and float64 accumulate by FMA in acc_t (float32 never uses TF32
+// here): thread x reads column x of the weight chunk (consecutive threads, consecutive banks) and the A value
+// all threads of its warp read (a broadcast). float16 and bfloat16 run the chunk's product on tensor cores
+// with float32 accumulators.
 //
 // The weights are read from global memory (L2) at every step; keeping a block's tile on chip across steps is
 // the persistent kernel of a later issue, which can reuse this tile and replace the launch boundary with a
@@ -32,10 +37,19 @@
 
 namespace gatedrnn::cuda {
 
+// The block shape. These sizes fix the static shared memory of every kernel (TileStorage below: up to 40 KiB
+// for the float64 forward kernel with 4 rows per thread, of the 48 KiB a kernel may declare statically), and
+// the launches pass no dynamic shared memory. Larger tiles must move TileStorage to dynamic shared memory
+// (extern __shared__, the size passed at launch, and cudaFuncSetAttribute(MaxDynamicSharedMemorySize) past
+// 48 KB); .ci/kernel_resources.py reports each kernel's shared memory.
 constexpr int kTileUnits = 32;  // hidden units per block: one warp across them
 constexpr int kRowGroups = 8;   // warps per block, each on its own batch rows
 constexpr int kThreads = kTileUnits * kRowGroups;
 constexpr int kChunk = 32;  // K elements staged in shared memory per pass
+// threadIdx.x is a thread's lane and threadIdx.y its warp only while a block row is exactly one warp: the
+// tensor-core path gives each warp whole WMMA fragments (warp-collective calls, which must not diverge
+// within a warp), and the staging below maps lanes to consecutive K elements.
+static_assert(kTileUnits == 32, "a block row (threadIdx.x) must be exactly one warp");
 // Launch bounds: at least two blocks per SM, i.e. up to 128 registers per thread. Without the second bound
 // ptxas aimed at 64 registers and spilled in the float16 forward kernel.
 constexpr int kMinBlocksPerSm = 2;
@@ -58,7 +72,6 @@ struct TileStorage {
     } in;
     float out[kRows][kWidth];  // tensor-core results, handed to the threads that own them (half/bfloat16 only)
   };
-  const scalar_t* rows[kRows];  // A's row of each tile row, or null for a row that contributes zeros
 };
 
 // Shared memory for a TileStorage. Declared as raw bytes: c10::Half and c10::BFloat16 have constructors,
@@ -67,33 +80,86 @@ struct TileStorage {
   __shared__ __align__(128) unsigned char name##_bytes[sizeof(type)]; \
   type& name = *reinterpret_cast<type*>(name##_bytes)
 
+// The A row of each of this thread's tile rows i (batch row b = blockIdx.x * kRows + threadIdx.y +
+// kRowGroups * i), or null for a row past `rows`, which contributes zeros.
+template <typename scalar_t, int RPT>
+struct TileRows {
+  const scalar_t* row[RPT];
+};
+
+// TileRows from row_of(b), the A row of batch row b < rows. Every thread computes its own, from the kernel's
+// parameters: pointers the compiler can prove global (see the file comment).
+template <typename scalar_t, int RPT, typename RowOf>
+__device__ __forceinline__ TileRows<scalar_t, RPT> tile_rows(int64_t rows, const RowOf& row_of) {
+  TileRows<scalar_t, RPT> t;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int64_t b = int64_t(blockIdx.x) * (kRowGroups * RPT) + threadIdx.y + kRowGroups * i;
+    t.row[i] = b < rows ? row_of(b) : nullptr;
+  }
+  return t;
+}
+
+// kBytes of a weight chunk, the unit of its vector loads (launch.h's tiles are contiguous, each chunk
+// starting at a multiple of kChunk * kWidth elements: aligned to any vector width here, for every dtype).
+template <typename scalar_t, int kBytes>
+struct alignas(kBytes) WeightVector {
+  scalar_t v[kBytes / sizeof(scalar_t)];
+};
+
 // Stages K chunk [k0, k0 + kChunk) of the weight tile and of the A rows in shared memory (zeros past K),
-// then synchronises the block.
+// then synchronises the block. Loads first, all of them, then stores (see the file comment).
 template <typename scalar_t, int NG, int RPT>
 __device__ __forceinline__ void stage_chunk(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
-                                            int64_t K, int64_t k0) {
+                                            const TileRows<scalar_t, RPT>& a_rows, int64_t K, int64_t k0) {
   using Storage = TileStorage<scalar_t, NG, RPT>;
-  constexpr int kWidth = Storage::kWidth;
+  // Each thread loads kThreadBytes of a chunk (4 * NG elements), in the widest vectors that divide it: 16
+  // bytes, or 8 where that does not divide (16-bit types with one or three gates), so that every thread
+  // loads the same whole number of vectors.
+  constexpr int kChunkBytes = kChunk * Storage::kWidth * int(sizeof(scalar_t));
+  constexpr int kThreadBytes = kChunkBytes / kThreads;
+  constexpr int kVectorBytes = kThreadBytes % 16 == 0 ? 16 : kThreadBytes % 8 == 0 ? 8 : int(sizeof(scalar_t));
+  using Vector = WeightVector<scalar_t, kVectorBytes>;
+  constexpr int kPerVector = kVectorBytes / sizeof(scalar_t);
+  constexpr int kVectorsPerThread = kChunkBytes / kVectorBytes / kThreads;
+  static_assert(kVectorsPerThread * kVectorBytes * kThreads == kChunkBytes && Storage::kWidth % kPerVector == 0,
+                "a chunk splits evenly into whole vectors, each within one K row");
   const int tid = threadIdx.y * kTileUnits + threadIdx.x;
-  const int64_t chunk = K - k0 < kChunk ? K - k0 : kChunk;
-  const scalar_t* w_chunk = w_tile + k0 * kWidth;
-  for (int e = tid; e < kChunk * kWidth; e += kThreads) {
-    (&s.in.w[0][0])[e] = e / kWidth < chunk ? w_chunk[e] : scalar_t(0);
+  const int64_t chunk = K - k0 < kChunk ? K - k0 : kChunk;  // K rows of this chunk that exist
+  const Vector* w_chunk = reinterpret_cast<const Vector*>(w_tile + k0 * Storage::kWidth);
+
+  Vector w[kVectorsPerThread];
+#pragma unroll
+  for (int i = 0; i < kVectorsPerThread; ++i) {
+    const int v = tid + i * kThreads;  // a vector lies within one K row: kWidth is a multiple of kPerVector
+    if (v * kPerVector / Storage::kWidth < chunk) {
+      w[i] = w_chunk[v];
+    } else {
+#pragma unroll
+      for (int e = 0; e < kPerVector; ++e) w[i].v[e] = scalar_t(0);
+    }
   }
-  for (int e = tid; e < Storage::kRows * kChunk; e += kThreads) {
-    const int r = e / kChunk, kk = e % kChunk;
-    const scalar_t* row = s.rows[r];
-    s.in.a[r][kk] = (row != nullptr && kk < chunk) ? row[k0 + kk] : scalar_t(0);
+  scalar_t a[RPT];  // lane x loads element k0 + x of each of its rows: a warp reads a row's chunk, coalesced
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    a[i] = (a_rows.row[i] != nullptr && threadIdx.x < chunk) ? a_rows.row[i][k0 + threadIdx.x] : scalar_t(0);
   }
+
+  Vector* w_shared = reinterpret_cast<Vector*>(&s.in.w[0][0]);
+#pragma unroll
+  for (int i = 0; i < kVectorsPerThread; ++i) w_shared[tid + i * kThreads] = w[i];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) s.in.a[threadIdx.y + kRowGroups * i][threadIdx.x] = a[i];
   __syncthreads();
 }
 
 // float32/float64: every thread accumulates its own NG x RPT dot products by FMA.
 template <typename scalar_t, typename acc_t, int NG, int RPT>
 __device__ __forceinline__ void tile_matmul_fma(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
-                                                int64_t K, acc_t (&acc)[NG][RPT]) {
+                                                const TileRows<scalar_t, RPT>& a_rows, int64_t K,
+                                                acc_t (&acc)[NG][RPT]) {
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    stage_chunk(s, w_tile, K, k0);
+    stage_chunk(s, w_tile, a_rows, K, k0);
 #pragma unroll 4
     for (int kk = 0; kk < kChunk; ++kk) {
       acc_t w[NG];
@@ -126,7 +192,8 @@ struct WmmaType<c10::BFloat16> {
 // The results go through shared memory (s.out, over the staged inputs) to the threads that own them.
 template <typename scalar_t, int NG, int RPT>
 __device__ __forceinline__ void tile_matmul_mma(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
-                                                int64_t K, float (&acc)[NG][RPT]) {
+                                                const TileRows<scalar_t, RPT>& a_rows, int64_t K,
+                                                float (&acc)[NG][RPT]) {
   namespace wmma = nvcuda::wmma;
   using Storage = TileStorage<scalar_t, NG, RPT>;
   using T = typename WmmaType<scalar_t>::type;
@@ -140,13 +207,13 @@ __device__ __forceinline__ void tile_matmul_mma(TileStorage<scalar_t, NG, RPT>& 
   static_assert((kK * Storage::kWidth * sizeof(T)) % 32 == 0 && (kN * sizeof(T)) % 32 == 0);
   static_assert((kM * Storage::kWidth * sizeof(float)) % 32 == 0 && (Storage::kWidth * sizeof(T)) % 16 == 0);
   static_assert(Storage::kRows % kM == 0 && Storage::kWidth % kN == 0 && kChunk % kK == 0);
-  const int warp = threadIdx.y;  // blockDim.x is one warp
+  const int warp = threadIdx.y;  // a block row is one warp (static_assert above)
 
   wmma::fragment<wmma::accumulator, kM, kN, kK, float> c[kPerWarp];
 #pragma unroll
   for (int q = 0; q < kPerWarp; ++q) wmma::fill_fragment(c[q], 0.0f);
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    stage_chunk(s, w_tile, K, k0);
+    stage_chunk(s, w_tile, a_rows, K, k0);
 #pragma unroll
     for (int q = 0; q < kPerWarp; ++q) {
       const int f = warp + kRowGroups * q;
@@ -178,32 +245,20 @@ __device__ __forceinline__ void tile_matmul_mma(TileStorage<scalar_t, NG, RPT>& 
   }
 }
 
-// acc[g][i] += sum_k s.rows[threadIdx.y + kRowGroups * i][k] * w_tile[k][g][threadIdx.x], k < K.
-// s.rows must be set (and synchronised) by the caller. Every thread of the block must call this.
+// acc[g][i] += sum_k a_rows.row[i][k] * w_tile[k][g][threadIdx.x], k < K. Every thread of the block must
+// call this (it synchronises the block).
 template <typename scalar_t, typename acc_t, int NG, int RPT>
 __device__ __forceinline__ void tile_matmul(TileStorage<scalar_t, NG, RPT>& s, const scalar_t* __restrict__ w_tile,
-                                            int64_t K, acc_t (&acc)[NG][RPT]) {
+                                            const TileRows<scalar_t, RPT>& a_rows, int64_t K, acc_t (&acc)[NG][RPT]) {
   if constexpr (kUsesTensorCores<scalar_t>) {
-    tile_matmul_mma(s, w_tile, K, acc);
+    tile_matmul_mma(s, w_tile, a_rows, K, acc);
   } else {
-    tile_matmul_fma(s, w_tile, K, acc);
+    tile_matmul_fma(s, w_tile, a_rows, K, acc);
   }
 }
 
 // The hidden unit of this thread.
 __device__ __forceinline__ int64_t tile_unit() { return int64_t(blockIdx.y) * kTileUnits + threadIdx.x; }
-
-// Sets tile.rows[r] = row_of(b) for the block's tile rows r that are batch rows b < rows (null for the rest),
-// then synchronises the block.
-template <typename Storage, typename RowOf>
-__device__ __forceinline__ void set_tile_rows(Storage& tile, int64_t rows, const RowOf& row_of) {
-  const int tid = threadIdx.y * kTileUnits + threadIdx.x;
-  if (tid < Storage::kRows) {
-    const int64_t b = int64_t(blockIdx.x) * Storage::kRows + tid;
-    tile.rows[tid] = b < rows ? row_of(b) : nullptr;
-  }
-  __syncthreads();
-}
 
 // Calls f(i, b) for each of this thread's tile rows i whose batch row b is below `rows`.
 template <int RPT, typename F>
