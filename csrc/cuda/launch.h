@@ -70,12 +70,12 @@ inline LayerInputs contiguous_inputs(const at::Tensor& input, const at::Tensor& 
 }
 
 // Launches one step's kernel over `rows` batch rows and `units` hidden units, with the rows per thread the
-// step's size asks for: choose_kernel(std::integral_constant<int, RPT>{}) returns the kernel instance for RPT
-// (each kernel file defines one such chooser per kernel template, NAME_instance<scalar_t>).
+// step's size asks for (rows_per_thread): choose_kernel(std::integral_constant<int, RPT>{}) returns the kernel
+// instance for RPT (each kernel file defines one such chooser per kernel template, NAME_instance<scalar_t>).
 template <typename ChooseKernel, typename Params>
 void launch_step(int64_t rows, int64_t units, const ChooseKernel& choose_kernel, const Params& params) {
   if (rows == 0) return;  // an empty batch: nothing to compute, and a zero grid is a launch error
-  const int rpt = rows_per_thread(rows);
+  const int rpt = rows_per_thread(rows, ceil_div(units, kTileUnits), multiprocessor_count());
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kRowGroups) * rpt)),
                   static_cast<unsigned>(ceil_div(units, kTileUnits)));
   const dim3 block(kTileUnits, kRowGroups);

@@ -28,6 +28,9 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 
+// SMs of the current device (launch.h sizes the row blocks so that small steps still fill them).
+inline int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // Launches kernel on the current stream and raises if the launch failed.
 template <typename Params>
 void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, const Params& params) {

@@ -54,8 +54,18 @@ static_assert(kTileUnits == 32, "a block row (threadIdx.x) must be exactly one w
 // ptxas aimed at 64 registers and spilled in the float16 forward kernel.
 constexpr int kMinBlocksPerSm = 2;
 
-// Batch rows per thread: a step with few rows gets small blocks instead of idle threads.
-inline int rows_per_thread(int64_t rows) { return rows <= kRowGroups ? 1 : rows <= 2 * kRowGroups ? 2 : 4; }
+// Batch rows per thread for a step of `rows` rows over `unit_tiles` tiles of hidden units, on a GPU with
+// `multiprocessors` SMs. A step with few rows gets small blocks instead of idle threads. And while the grid
+// would leave SMs idle, the row blocks shrink (1 row per thread: 8 rows per block) to make more blocks:
+// each block then re-reads its weight tile from L2 for fewer rows, but at T=100 B=64 H=512 on 132 SMs that is
+// 128 busy SMs instead of 32. This choice comes from a model of the kernels, not a measurement: `.ci/gpu`
+// prints each kernel's time per launch, per rows-per-thread shape, to settle it on the first lent GPU.
+inline int rows_per_thread(int64_t rows, int64_t unit_tiles, int64_t multiprocessors) {
+  int rpt = rows <= kRowGroups ? 1 : rows <= 2 * kRowGroups ? 2 : 4;
+  auto blocks = [&](int r) { return (rows + kRowGroups * r - 1) / (kRowGroups * r) * unit_tiles; };
+  while (rpt > 1 && blocks(rpt) < multiprocessors) rpt /= 2;
+  return rpt;
+}
 
 // Storage types whose per-step product runs on tensor cores (WMMA, float32 accumulation).
 template <typename scalar_t>
