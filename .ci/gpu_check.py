@@ -14,8 +14,10 @@ second run must fit):
   step-times  each step kernel's time per launch at T=100 B=64 I=H=512 (torch.profiler)
   benchmark   python -m benchmarks --quick --devices cuda
 
-It writes at most 6 files to --out (default: $OUT when set, else benchmarks/results/): the summary as Markdown
-and JSON, the stages' logs, and the benchmark's JSON and PNG. CPU tests are not run: CI runs them. Exit status:
+It writes 5 files to --out (default: $OUT when set, else benchmarks/results/), side by side: the summary as
+Markdown and JSON, the stages' logs (at most 4 MiB, their tail), and the benchmark's JSON and PNG. Their
+names carry the commit: set GATEDRNN_COMMIT where the tree is a copy without git (the lent machine's is).
+CPU tests are not run: CI runs them. Exit status:
 0 when every stage passed, 1 when one failed or ran out of time, 2 when this machine cannot run the check at
 all (no GPU, a torch without CUDA), with the reason on one line.
 """
@@ -30,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -164,8 +167,17 @@ def test_command(workers):
     return cmd + ["-k", "cuda"]
 
 
-def sanitizer_command(tool):
-    return ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1", sys.executable,
+def find_compute_sanitizer():
+    """compute-sanitizer on PATH, else in the CUDA toolkit; None when there is none."""
+    found = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not found and root and os.path.isfile(os.path.join(root, "bin", "compute-sanitizer")):
+            found = os.path.join(root, "bin", "compute-sanitizer")
+    return found
+
+
+def sanitizer_command(sanitizer, tool):
+    return [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
             str(ROOT / ".ci" / "gpu_workloads.py"), "smoke"]
 
 
@@ -243,19 +255,20 @@ def run_stage(name, limit, arch, workers, out_dir):
         result.details = f"```\n{failures[-8000:]}\n```" if failures else ""
         return result
     if name in ("memcheck", "racecheck"):
-        if not shutil.which("compute-sanitizer"):
-            return StageResult(name, "failed", summary="compute-sanitizer is not on PATH")
-        code, out = run_command(sanitizer_command(name), limit, env)
+        sanitizer = find_compute_sanitizer()
+        if sanitizer is None:
+            return StageResult(name, "failed", summary="no compute-sanitizer on PATH or in the CUDA toolkit")
+        code, out = run_command(sanitizer_command(sanitizer, name), limit, env)
         verdict = re.findall(r"=+ (ERROR SUMMARY: .*|RACECHECK SUMMARY: .*)", out)
         return _status(name, code, out, "; ".join(verdict) or "no sanitizer summary")
     if name == "step-times":
-        table_path = pathlib.Path(out_dir) / ".step-times.md"
-        code, out = run_command([sys.executable, str(ROOT / ".ci" / "gpu_workloads.py"), "step-times",
-                                 str(table_path)], limit, env)
-        result = _status(name, code, out, "per-launch times below" if code == 0 else "")
-        if table_path.exists():
-            result.details = table_path.read_text()
-            table_path.unlink()
+        with tempfile.TemporaryDirectory() as scratch:  # not out_dir: only the promised files go there
+            table_path = pathlib.Path(scratch) / "step-times.md"
+            code, out = run_command([sys.executable, str(ROOT / ".ci" / "gpu_workloads.py"), "step-times",
+                                     str(table_path)], limit, env)
+            result = _status(name, code, out, "per-launch times below" if code == 0 else "")
+            if table_path.exists():
+                result.details = table_path.read_text()
         return result
     if name == "benchmark":
         code, out = run_command([sys.executable, "-m", "benchmarks", "--quick", "--devices", "cuda", "--out",
