@@ -3,11 +3,13 @@
     import gatedrnn
     lstm = gatedrnn.LSTM(512, 512, num_layers=2)   # same arguments, parameters and outputs as nn.LSTM
     lstm.load_state_dict(nn_lstm.state_dict())
+    model = gatedrnn.convert(model)                 # or swap every nn.LSTM/GRU/LSTMCell/GRUCell in a model
 """
 from ._extension import backend_info
 from . import _ops  # noqa: F401  (registers fake kernels and autograd for torch.ops.gatedrnn)
 from . import functional, reference
 from .modules import GRU, LSTM, GRUCell, LSTMCell
+from ._convert import convert
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "backend_info", "functional", "reference"]
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "backend_info", "convert", "functional", "reference"]
 __version__ = "0.1.0"

@@ -339,6 +339,15 @@ class _CellBase(nn.Module):
     def _zeros(self, input):
         return torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
 
+    def _empty_state(self, input, hx):
+        """The [B, 0] state of a cell with hidden_size 0 (torch.nn's cells allow it; its layers do not). There is
+        no step to compute, so no kernel runs: the result is the products torch.nn forms, all empty, which keep
+        the autograd graph (the input's gradient is zeros, as torch.nn's)."""
+        state = input @ self.weight_ih.t() + hx @ self.weight_hh.t()
+        if self.bias:
+            state = state + self.bias_ih + self.bias_hh
+        return state
+
 
 class LSTMCell(_CellBase):
     """Drop-in replacement for torch.nn.LSTMCell: one step, run by the fused LSTM op with T = 1."""
@@ -360,6 +369,9 @@ class LSTMCell(_CellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_sizes(input, hx)
+        if self.hidden_size == 0:
+            hy, cy = self._empty_state(input, hx[0]), self._empty_state(input, hx[1])
+            return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
         _, hy, cy = _ops.lstm_layer(input.unsqueeze(0), None, hx[0], hx[1], self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh, None, False)
         if not is_batched:
@@ -385,6 +397,9 @@ class GRUCell(_CellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check_sizes(input, (hx,))
+        if self.hidden_size == 0:
+            hy = self._empty_state(input, hx)
+            return hy if is_batched else hy.squeeze(0)
         _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                                self.bias_hh, False)
         return hy if is_batched else hy.squeeze(0)

@@ -165,3 +165,29 @@ def test_bias_gradients_do_not_alias():
     module(torch.randn(5, 2, 3))[0].sum().backward()
     assert module.bias_ih_l0.grad.data_ptr() != module.bias_hh_l0.grad.data_ptr()
     torch.testing.assert_close(module.bias_ih_l0.grad, module.bias_hh_l0.grad)
+
+
+@pytest.mark.parametrize("mode", ["GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("given_state", [False, True], ids=["no-hx", "hx"])
+def test_cells_with_hidden_size_zero_behave_as_torch_nn(mode, batched, bias, given_state):
+    """torch.nn's cells accept hidden_size=0 and return an empty state whose backward works (the input's
+    gradient is zeros); gatedrnn's do the same (its layers reject 0, as torch.nn's do)."""
+    reference, ours = twins(mode, 10, 0, bias=bias)
+    shape = (3, 10) if batched else (10,)
+    results = []
+    for module in (reference, ours):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        state_shape = (3, 0) if batched else (0,)
+        hx = None
+        if given_state:
+            hx = torch.zeros(state_shape, dtype=torch.float64, requires_grad=True)
+            hx = (hx, hx.clone()) if mode == "LSTMCell" else hx
+        out = module(x, hx)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        sum(o.sum() for o in outs).backward()
+        results.append(([o.shape for o in outs], x.grad, [p.grad.shape for p in module.parameters()]))
+    assert results[0][0] == results[1][0] == [torch.Size(state_shape)] * (2 if mode == "LSTMCell" else 1)
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[1][2] == results[0][2]
