@@ -6,10 +6,12 @@
     model = gatedrnn.convert(model)                 # or swap every nn.LSTM/GRU/LSTMCell/GRUCell in a model
 """
 from ._extension import backend_info
-from . import _ops  # noqa: F401  (registers fake kernels and autograd for torch.ops.gatedrnn)
+from . import _onnx, _ops  # noqa: F401  (_ops registers fake kernels and autograd for torch.ops.gatedrnn)
 from . import functional, reference
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 from ._convert import convert
+
+_onnx.register_translations()  # for torch.onnx.export, when onnxscript is installed (see _onnx.py)
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "backend_info", "convert", "functional", "reference"]
 __version__ = "0.1.0"

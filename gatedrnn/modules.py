@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops, functional
+from . import _onnx, _ops, functional
 
 
 def _check_no_empty_sequence(input, batch_sizes, batch_first):
@@ -166,6 +166,8 @@ class _RNNBase(nn.Module):
 
     def _unpack(self, input):
         """Returns (time-major data, batch_sizes, sorted_indices, unsorted_indices, is_batched)."""
+        if torch.onnx.is_in_onnx_export():
+            self._check_onnx_export(input)
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             return data, batch_sizes, sorted_indices, unsorted_indices, True
@@ -188,6 +190,18 @@ class _RNNBase(nn.Module):
         if batch_sizes is None and self.batch_first:
             output = output.transpose(0, 1)
         return output, finals
+
+
+    def _check_onnx_export(self, input):
+        """Under torch.onnx.export: the layers export as ONNX LSTM/GRU nodes (gatedrnn/_onnx.py); what those
+        nodes cannot express is refused here, by name, rather than exported wrong."""
+        if self.proj_size > 0:
+            raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
+                               "has no projection")
+        if isinstance(input, PackedSequence):
+            raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
+                               "with padded input")
+        _onnx.check_export()
 
 
 def _permute(states, permutation):
@@ -372,6 +386,8 @@ class LSTMCell(_CellBase):
         if self.hidden_size == 0:
             hy, cy = self._empty_state(input, hx[0]), self._empty_state(input, hx[1])
             return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
+        if torch.onnx.is_in_onnx_export():
+            _onnx.check_export()
         _, hy, cy = _ops.lstm_layer(input.unsqueeze(0), None, hx[0], hx[1], self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh, None, False)
         if not is_batched:
@@ -400,6 +416,8 @@ class GRUCell(_CellBase):
         if self.hidden_size == 0:
             hy = self._empty_state(input, hx)
             return hy if is_batched else hy.squeeze(0)
+        if torch.onnx.is_in_onnx_export():
+            _onnx.check_export()
         _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                                self.bias_hh, False)
         return hy if is_batched else hy.squeeze(0)

@@ -1,0 +1,144 @@
+"""ONNX export (torch.onnx.export(..., dynamo=True)) of models with gatedrnn layers: standard ONNX LSTM and GRU
+nodes (one per layer and direction), dynamic batch and sequence length, and ONNX Runtime's outputs equal to
+torch.nn's at shapes other than the traced one. What ONNX's nodes cannot express is refused by name."""
+import pytest
+import torch
+from torch.export import Dim
+
+import gatedrnn
+
+onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install onnx)")
+pytest.importorskip("onnxscript", reason="ONNX export tests need onnxscript (pip install onnxscript)")
+ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install onnxruntime)")
+
+# (num_layers, bidirectional, batch_first, bias, hx given): every option appears on and off.
+CONFIGS = [(1, False, False, True, False), (2, True, True, True, True), (1, True, False, False, True),
+           (2, False, True, False, False)]
+
+
+def _id(config):
+    layers, bi, batch_first, bias, hx = config
+    return (f"L{layers}{'-bi' if bi else ''}{'-batch_first' if batch_first else ''}{'' if bias else '-nobias'}"
+            f"{'-hx' if hx else ''}")
+
+
+def _twins(mode, layers, bi, batch_first, bias):
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=layers, bidirectional=bi, batch_first=batch_first, bias=bias)
+    reference = getattr(torch.nn, mode)(5, 8, **kwargs).eval()
+    ours = getattr(gatedrnn, mode)(5, 8, **kwargs).eval()
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _export(model, args, dynamic_shapes, path):
+    program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+    program.save(str(path))
+    return onnx.load(str(path)), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layers_export_as_standard_nodes_that_match_torch_nn(mode, config, tmp_path):
+    layers, bi, batch_first, bias, hx_given = config
+    reference, ours = _twins(mode, layers, bi, batch_first, bias)
+    directions = 2 if bi else 1
+    generator = torch.Generator().manual_seed(1)
+
+    def inputs(batch, steps):
+        x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5), generator=generator)
+        states = [torch.randn(layers * directions, batch, 8, generator=generator) for _ in range(2)]
+        hx = (tuple(states) if mode == "LSTM" else states[0]) if hx_given else None
+        return x, hx
+
+    batch, steps = Dim("batch"), Dim("steps")
+    x_dims = {0: batch, 1: steps} if batch_first else {0: steps, 1: batch}
+    h_dims = ({1: batch}, {1: batch}) if mode == "LSTM" else {1: batch}
+    x, hx = inputs(3, 7)
+    args, dynamic = ((x, hx), (x_dims, h_dims)) if hx_given else ((x,), (x_dims,))
+    model, session = _export(ours, args, dynamic, tmp_path / "model.onnx")
+
+    nodes = [n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "Loop", "Scan")]
+    assert [n.op_type for n in nodes] == [mode] * (layers * directions)
+    directions_seen = sorted({a.s.decode() for n in nodes for a in n.attribute if a.name == "direction"})
+    assert directions_seen == (["forward", "reverse"] if bi else ["forward"])
+    if mode == "GRU":  # torch's GRU applies the reset gate after the recurrent product
+        assert all(a.i == 1 for n in nodes for a in n.attribute if a.name == "linear_before_reset")
+
+    for b, t in [(5, 11), (1, 2)]:
+        x, hx = inputs(b, t)
+        feeds = [x] + ([] if not hx_given else list(hx) if mode == "LSTM" else [hx])
+        actual = session.run(None, {i.name: f.numpy() for i, f in zip(session.get_inputs(), feeds)})
+        with torch.no_grad():
+            out, state = reference(x, hx)
+        expected = [out] + (list(state) if mode == "LSTM" else [state])
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+def test_cells_export(mode, tmp_path):
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, mode)(5, 8).eval()
+    ours = getattr(gatedrnn, mode)(5, 8).eval()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 5)
+    model, session = _export(ours, (x,), ({0: Dim("batch")},), tmp_path / "cell.onnx")
+    assert [n.op_type for n in model.graph.node if n.op_type in ("LSTM", "GRU")] == [mode[:-4]]
+    x = torch.randn(6, 5)
+    actual = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = reference(x)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
+
+
+def test_proj_size_is_refused_by_name(tmp_path):
+    model = gatedrnn.LSTM(5, 8, proj_size=3).eval()
+    with pytest.raises(Exception, match="ONNX export of an LSTM with proj_size is not supported"):
+        torch.onnx.export(model, (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+
+
+def test_packed_input_is_refused_by_name():
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = gatedrnn.GRU(5, 8)
+
+        def forward(self, x):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 2]))
+            return self.gru(packed)[1]
+
+    with pytest.raises(Exception, match="ONNX export of PackedSequence input is not supported"):
+        torch.onnx.export(Packed().eval(), (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+
+
+def test_the_op_itself_refuses_a_projection():
+    """Called directly (not through a module), the op's translation still refuses what has no ONNX node."""
+
+    class RawOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_ih, self.w_hh = torch.nn.Parameter(torch.randn(32, 5)), torch.nn.Parameter(torch.randn(32, 3))
+            self.w_hr = torch.nn.Parameter(torch.randn(3, 8))
+
+        def forward(self, x):
+            h0, c0 = x.new_zeros(x.size(1), 3), x.new_zeros(x.size(1), 8)
+            return torch.ops.gatedrnn.lstm_forward(x, None, h0, c0, self.w_ih, self.w_hh, None, None, self.w_hr,
+                                                   False, False)[0]
+
+    with pytest.raises(Exception, match="ONNX export of an LSTM with proj_size is not supported"):
+        torch.onnx.export(RawOp().eval(), (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+
+
+def test_export_without_the_translations_says_why(monkeypatch):
+    """Where the translations could not be registered, the modules' check names the reason (the export then
+    fails either way: the exporter finds no function for gatedrnn's ops)."""
+    from gatedrnn import _onnx
+
+    _onnx.check_export()  # registered in this process
+    monkeypatch.setattr(_onnx, "_unavailable", "onnxscript is not installed (pip install onnxscript)")
+    with pytest.raises(RuntimeError, match="ONNX export is unavailable: onnxscript is not installed"):
+        _onnx.check_export()
