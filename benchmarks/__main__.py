@@ -20,7 +20,7 @@ import torch
 
 from .cases import standard_cases
 from .measure import gemm_rates, measure
-from . import report
+from . import onnx_peer, report
 from .report import device_name, instruction_sets, output_stem, table, to_json, write_chart, write_json
 
 # --isa NAME: the environment of a subprocess whose both sides are capped at that instruction set.
@@ -100,6 +100,8 @@ def main(argv=None):
         rates[device] = device_rates
         roofline = {dtype: max(r.values()) for dtype, r in device_rates.items()}
         isas[device] = instruction_sets() if device == "cpu" else {}
+        if any(onnx_peer.applies(case, device) for case in cases):
+            isas[device]["onnxruntime"] = onnx_peer.describe()
         results = []
         for case in cases:
             results.append(measure(case, device, repeats, warmup))

@@ -9,6 +9,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import gatedrnn
 
+from . import onnx_peer
+
 # Largest output difference (relative to the output's scale) that still counts as agreement, by dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -34,15 +36,18 @@ class Result:
         return self.timings[baseline].median_ms / self.timings["gatedrnn"].median_ms
 
 
-def implementations(device):
+def implementations(device, case=None):
     """What is compared on a device: gatedrnn (where it has kernels) and torch.nn, and on CUDA also torch.nn
-    with cuDNN disabled (ATen's own RNN kernels)."""
+    with cuDNN disabled (ATen's own RNN kernels); in the CPU inference cases it applies to, also ONNX Runtime
+    (onnx_peer.py) where it is installed."""
     names = []
     if gatedrnn.backend_info()[device]:
         names.append("gatedrnn")
     names.append("torch.nn")
     if device == "cuda":
         names.append("torch.nn no-cuDNN")
+    if case is not None and onnx_peer.applies(case, device):
+        names.append(onnx_peer.NAME)
     return names
 
 
@@ -66,6 +71,8 @@ def make_modules(case, device, names):
             ours = getattr(gatedrnn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
             ours.load_state_dict(reference.state_dict())
             modules[name] = ours
+        elif name == onnx_peer.NAME:
+            modules[name] = onnx_peer.OnnxRuntimeModule(reference, make_input(case, device)[0])
         else:
             modules[name] = reference
     return modules
@@ -168,15 +175,15 @@ def time_interleaved(steps, device, repeats, warmup):
 
 
 def measure(case, device, repeats, warmup):
-    names = implementations(device)
+    names = implementations(device, case)
     result = Result(case, device)
     modules = make_modules(case, device, names)
     x, leaf = make_input(case, device)
     if "gatedrnn" in modules:
         result.max_rel_diff = max_relative_difference(modules, x, leaf, case)
         if not result.max_rel_diff <= TOLERANCE[case.dtype]:
-            result.error = (f"gatedrnn and torch.nn disagree: max |diff| / max |output| = {result.max_rel_diff:.3g} "
-                            f"> {TOLERANCE[case.dtype]:g}; not timed")
+            result.error = (f"an implementation disagrees with torch.nn: max |diff| / max |output| = "
+                            f"{result.max_rel_diff:.3g} > {TOLERANCE[case.dtype]:g}; not timed")
             return result
     steps = {name: make_step(case, name, module, x, leaf) for name, module in modules.items()}
     if case.training:

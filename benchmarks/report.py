@@ -80,7 +80,7 @@ def table(results, roofline):
     memory when training (saved activations on CPU, peak allocation on CUDA)."""
     if not results:
         return ""
-    names = list(next((r.timings for r in results if r.timings), {"gatedrnn": 0, "torch.nn": 0}))
+    names = list(dict.fromkeys(name for r in results for name in r.timings)) or ["gatedrnn", "torch.nn"]
     head = f"{'case':<52}" + "".join(f"{name + ' ms':>22}" for name in names)
     head += f"{'speed-up':>9}{'us/step':>9}{'GFLOP/s':>9}{'roofline':>9}{'mem MB nn/ours':>16}"
     lines = [head]

@@ -11,13 +11,13 @@ from benchmarks.measure import TOLERANCE, implementations, make_input, make_modu
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PARAMS = [(device, case, name) for device in DEVICES for case in standard_cases(device)
-          for name in implementations(device)]
+          for name in implementations(device, case)]
 
 
 @pytest.mark.parametrize("device,case,name", PARAMS,
                          ids=[f"{d}-{c.slug()}-{n.replace(' ', '-')}" for d, c, n in PARAMS])
 def test_rnn(benchmark, device, case, name):
-    modules = make_modules(case, device, implementations(device))
+    modules = make_modules(case, device, implementations(device, case))
     x, leaf = make_input(case, device)
     if "gatedrnn" in modules:
         diff = max_relative_difference(modules, x, leaf, case)

@@ -60,3 +60,33 @@ def test_disagreement_is_reported_not_timed(monkeypatch):
     result = measure.measure(Case("GRU", 5, 2, 3, 4, training=True), "cpu", repeats=1, warmup=0)
     assert "disagree" in result.error and not result.timings
     assert "not timed" in report.table([result], {torch.float32: 1.0})
+
+
+def test_onnx_runtime_joins_the_cpu_inference_cases_it_measures_fairly(monkeypatch):
+    """Where onnxruntime is installed: a third column in CPU inference, float32, dense cases, agreement-checked
+    like the others; none in training, packed, bfloat16 or instruction-set-capped runs."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnxruntime)")
+    pytest.importorskip("onnxscript", reason="needs onnxscript (pip install onnxscript)")
+    from benchmarks import onnx_peer
+
+    infer = Case("GRU", 6, 2, 3, 4, training=False)
+    assert "onnxruntime" in measure.implementations("cpu", infer)
+    for case in (Case("GRU", 6, 2, 3, 4, training=True), Case("GRU", 6, 2, 3, 4, False, packed=True, min_length=2),
+                 Case("GRU", 6, 2, 3, 4, False, dtype=torch.bfloat16)):
+        assert "onnxruntime" not in measure.implementations("cpu", case), case.label()
+    result = measure.measure(Case("LSTM", 6, 2, 3, 4, training=False, layers=2, bidirectional=True), "cpu", 1, 0)
+    assert not result.error and set(result.timings) == {"gatedrnn", "torch.nn", "onnxruntime"}
+    assert result.max_rel_diff < 1e-5
+    monkeypatch.setenv("GATEDRNN_CPU_ISA", "avx2")
+    assert not onnx_peer.applies(infer, "cpu")
+
+
+def test_a_disagreeing_onnx_runtime_is_reported_not_timed(monkeypatch):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnxruntime)")
+    pytest.importorskip("onnxscript", reason="needs onnxscript (pip install onnxscript)")
+    from benchmarks import onnx_peer
+
+    real_call = onnx_peer.OnnxRuntimeModule.__call__
+    monkeypatch.setattr(onnx_peer.OnnxRuntimeModule, "__call__", lambda self, x: (real_call(self, x)[0] * 1.1,))
+    result = measure.measure(Case("GRU", 6, 2, 3, 4, training=False), "cpu", 1, 0)
+    assert "disagrees with torch.nn" in result.error and not result.timings

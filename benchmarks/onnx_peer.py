@@ -1,0 +1,57 @@
+"""ONNX Runtime as a third implementation in CPU inference cases: what most teams serve recurrent models with.
+
+torch.nn's module of the case (the same weights gatedrnn gets) is exported with torch.onnx.export at the case's
+exact shape and run by onnxruntime with torch's thread count, so that all three use the same cores. It is only
+offered where it measures the same thing: CPU, inference, float32, dense input, and no instruction-set cap (a
+capped run cannot cap ONNX Runtime's kernels).
+"""
+import importlib.util
+import io
+import os
+
+import torch
+
+NAME = "onnxruntime"
+
+
+def available():
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+
+
+def applies(case, device):
+    return (device == "cpu" and available() and not case.training and not case.packed
+            and case.dtype == torch.float32 and not os.environ.get("GATEDRNN_CPU_ISA"))
+
+
+def describe():
+    """One line for the report: the version and the threads it runs with."""
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} intra-op threads (torch.nn's module exported to ONNX)"
+
+
+class OnnxRuntimeModule:
+    """Runs an exported module in an onnxruntime session; called like the module (input -> (output,)), with the
+    output as a torch tensor, so that the agreement check compares it like the others."""
+
+    def __init__(self, module, x):
+        import onnxruntime
+
+        with torch.no_grad():
+            program = torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+        buffer = io.BytesIO()
+        program.save(buffer)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        outputs = self.session.run(None, {self.input_name: x.detach().numpy()})
+        return (torch.from_numpy(outputs[0]),)
+
+    # What the timing loop calls on modules; a session has no gradients.
+    def zero_grad(self, set_to_none=True):
+        pass
