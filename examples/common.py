@@ -49,6 +49,21 @@ def side_by_side(make_model, run_epoch, epochs, lr=1e-2, seed=0):
     return ours, theirs, seconds
 
 
+def epoch_of(model, optimizer, batches, loss_of, clip=None):
+    """`batches` optimizer steps, each on loss_of(model) (which draws a fresh batch); returns the mean loss.
+    clip: the largest gradient norm, or None."""
+    total = 0.0
+    for _ in range(batches):
+        loss = loss_of(model)
+        optimizer.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        total += loss.item()
+    return total / batches
+
+
 def save_figure(fig, out, name):
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ sequence, up to lengths longer than any seen in training.
 import torch
 from torch import nn
 
-from common import gatedrnn, parse_args, pyplot, save_figure, side_by_side
+from common import epoch_of, gatedrnn, parse_args, pyplot, save_figure, side_by_side
 
 SYMBOLS, DELAY, HIDDEN, TRAIN_MAX = 8, 10, 96, 10
 BLANK, GO = SYMBOLS, SYMBOLS + 1  # input alphabet: symbols, blank, go
@@ -54,18 +54,14 @@ def main():
 
         def run_epoch(model, optimizer, epoch):
             generator = torch.Generator().manual_seed(epoch)
-            total = 0.0
-            for _ in range(batches):
+
+            def loss_of(model):
                 length = int(torch.randint(1, TRAIN_MAX + 1, (1,), generator=generator))
                 inputs, symbols = batch_of(length, batch, generator)
                 logits = model(inputs, length)
-                loss = nn.functional.cross_entropy(logits.reshape(-1, SYMBOLS), symbols.reshape(-1))
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                total += loss.item()
-            return total / batches
+                return nn.functional.cross_entropy(logits.reshape(-1, SYMBOLS), symbols.reshape(-1))
+
+            return epoch_of(model, optimizer, batches, loss_of, clip=1.0)
 
         model, _, _ = side_by_side(lambda: Copier(mode), run_epoch, args.epochs, lr=3e-3)
         curves[mode] = [accuracy(model, n, torch.Generator().manual_seed(99)) for n in lengths]

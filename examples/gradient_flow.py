@@ -11,7 +11,7 @@ default and with opened gates, and for an LSTM and a GRU after training on a tas
 import torch
 from torch import nn
 
-from common import gatedrnn, parse_args, pyplot, save_figure, side_by_side
+from common import epoch_of, gatedrnn, parse_args, pyplot, save_figure, side_by_side
 
 MEASURED, TRAINED, FEATURES, HIDDEN = 120, 30, 4, 64
 
@@ -66,16 +66,12 @@ def main():
 
         def run_epoch(model, optimizer, epoch):
             generator = torch.Generator().manual_seed(epoch)
-            total = 0.0
-            for _ in range(batches):
+
+            def loss_of(model):
                 x, labels = batch_of(batch, trained, generator)
-                loss = nn.functional.cross_entropy(model(x), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                total += loss.item()
-            return total / batches
+                return nn.functional.cross_entropy(model(x), labels)
+
+            return epoch_of(model, optimizer, batches, loss_of, clip=1.0)
 
         model, _, _ = side_by_side(lambda: Model(make_rnn, 1.0), run_epoch, args.epochs, lr=3e-3)
         curves[f"{name}, trained"] = gradient_per_step(model, measured)

@@ -9,7 +9,7 @@ per epoch.
 import torch
 from torch import nn
 
-from common import gatedrnn, parse_args, pyplot, save_figure, side_by_side
+from common import epoch_of, gatedrnn, parse_args, pyplot, save_figure, side_by_side
 
 CLASSES, MARKER, FEATURES, HIDDEN, NOISE = 4, 2, 4, 64, 0.5
 
@@ -53,19 +53,16 @@ def main():
 
             def run_epoch(model, optimizer, epoch):
                 generator = torch.Generator().manual_seed(epoch)
-                total = 0.0
-                for _ in range(batches):
+
+                def loss_of(model):
                     x, labels = batch_of(steps, batch, generator)
-                    loss = nn.functional.cross_entropy(model(x), labels)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    total += loss.item()
+                    return nn.functional.cross_entropy(model(x), labels)
+
+                loss = epoch_of(model, optimizer, batches, loss_of, clip=1.0)
                 if isinstance(model.rnn, (gatedrnn.LSTM, gatedrnn.GRU)):  # one curve: the gatedrnn model's
                     with torch.no_grad():
                         history.append((model(validation[0]).argmax(-1) == validation[1]).float().mean().item())
-                return total / batches
+                return loss
 
             side_by_side(lambda: Classifier(mode), run_epoch, args.epochs, lr=3e-3)
             curves[(mode, steps)] = history

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from common import gatedrnn, parse_args, pyplot, save_figure, side_by_side
+from common import epoch_of, gatedrnn, parse_args, pyplot, save_figure, side_by_side
 
 STEPS, FUTURE, HIDDEN = 80, 60, 48
 
@@ -52,16 +52,12 @@ def main():
 
         def run_epoch(model, optimizer, epoch):
             generator = torch.Generator().manual_seed(epoch)
-            total = 0.0
-            for _ in range(batches):
+
+            def loss_of(model):
                 noisy, _ = waves(batch, STEPS, generator)
-                prediction, _ = model(noisy[:, :-1])
-                loss = nn.functional.mse_loss(prediction, noisy[:, 1:])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-            return total / batches
+                return nn.functional.mse_loss(model(noisy[:, :-1])[0], noisy[:, 1:])
+
+            return epoch_of(model, optimizer, batches, loss_of)
 
         models[mode], _, _ = side_by_side(lambda: Forecaster(mode), run_epoch, args.epochs)
 
