@@ -19,6 +19,7 @@ _TO_GATEDRNN = {nn.LSTM: modules.LSTM, nn.GRU: modules.GRU, nn.LSTMCell: modules
                 nn.GRUCell: modules.GRUCell}
 _TO_TORCH = {ours: theirs for theirs, ours in _TO_GATEDRNN.items()}
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase, modules._RNNBase, modules._CellBase)
+_RECURRENT_NAMES = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
 # Per-module hook tables that nn.Module keeps, carried over to the new module where the old one has them.
 _HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
@@ -44,12 +45,14 @@ def _plan(module, table):
         return "swap", None
     if isinstance(module, tuple(table.values())):
         return "keep", None
+    if isinstance(module, torch.jit.ScriptModule):  # compiled: its submodules cannot be replaced
+        if getattr(module, "original_name", "") in _RECURRENT_NAMES:
+            return "skip", "it is a TorchScript module"
+        return "keep", None
     if not isinstance(module, _RECURRENT):
         return "recurse", None
     if torch.nn.utils.parametrize.is_parametrized(module):  # parametrize makes a subclass: checked first
         return "skip", "its parameters are parametrized (torch.nn.utils.parametrize, e.g. weight_norm)"
-    if isinstance(module, torch.jit.ScriptModule):
-        return "skip", "it is a TorchScript module"
     for source in table:
         if isinstance(module, source):
             return "skip", f"it subclasses {source.__module__}.{source.__qualname__}; a swap would lose its overrides"

@@ -235,7 +235,8 @@ class MyLSTM(nn.LSTM):
     (lambda: nn.RNNCell(3, 4), "RNNCell has no counterpart"),
     (lambda: MyLSTM(3, 4), "subclasses torch.nn.modules.rnn.LSTM"),
     (lambda: nn.utils.parametrizations.weight_norm(nn.GRU(3, 4), "weight_hh_l0"), "parametrized"),
-], ids=["rnn", "rnn-cell", "subclass", "weight-norm"])
+    (lambda: torch.jit.script(nn.LSTMCell(3, 4)), "TorchScript"),
+], ids=["rnn", "rnn-cell", "subclass", "weight-norm", "torchscript"])
 def test_what_cannot_be_converted_is_left_alone_and_named(make, reason):
     model = nn.Sequential()
     model.add_module("encoder", make())
