@@ -38,8 +38,15 @@ def register_translations():
         _unavailable = f"registering gatedrnn's ONNX translations with onnxscript failed: {type(e).__name__}: {e}"
 
 
-def check_export():
-    """Raises when an ONNX export of gatedrnn's ops cannot produce a correct graph in this process."""
+def check_export(projection=False, packed=False):
+    """Raises when an ONNX export cannot produce a correct graph: a feature ONNX's nodes lack (an LSTM
+    projection, packed input), or no translations in this process."""
+    if projection:
+        raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
+                           "has no projection")
+    if packed:
+        raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
+                           "with padded input")
     if _unavailable is not None:
         raise RuntimeError(f"gatedrnn: ONNX export is unavailable: {_unavailable}")
 
@@ -54,12 +61,7 @@ def _define(op, ir, torch_op):
     def refuse_what_has_no_node(batch_sizes, weight_hr=None):
         # The modules refuse these before tracing; this guards the ops called directly, or traced by a
         # capture that does not run the modules' Python (a wrong graph must never come out).
-        if weight_hr is not None:
-            raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
-                               "has no projection")
-        if batch_sizes is not None:
-            raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
-                               "with padded input")
+        check_export(projection=weight_hr is not None, packed=batch_sizes is not None)
 
     def bias(b_ih, b_hh, blocks, order):
         if b_ih is None:

@@ -191,17 +191,10 @@ class _RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, finals
 
-
     def _check_onnx_export(self, input):
         """Under torch.onnx.export: the layers export as ONNX LSTM/GRU nodes (gatedrnn/_onnx.py); what those
         nodes cannot express is refused here, by name, rather than exported wrong."""
-        if self.proj_size > 0:
-            raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
-                               "has no projection")
-        if isinstance(input, PackedSequence):
-            raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
-                               "with padded input")
-        _onnx.check_export()
+        _onnx.check_export(projection=self.proj_size > 0, packed=isinstance(input, PackedSequence))
 
 
 def _permute(states, permutation):
