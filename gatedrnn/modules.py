@@ -16,6 +16,26 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _onnx, _ops, functional
 
 
+def _check_forget_bias(forget_bias, bias):
+    """forget_bias (LSTM only): None (torch.nn's initialisation), or the number the forget gate's bias starts at."""
+    if forget_bias is None:
+        return None
+    if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real):
+        raise TypeError(f"forget_bias should be a number or None, got: {type(forget_bias).__name__}")
+    if not bias:
+        raise ValueError("forget_bias needs bias=True: without biases there is no forget-gate bias to set")
+    return float(forget_bias)
+
+
+@torch.no_grad()
+def _set_forget_bias(bias_ih, bias_hh, hidden_size, value):
+    """The forget gate's total bias (b_ih + b_hh, in torch's gate order i, f, g, o) becomes `value`: b_ih's
+    forget block is set to it and b_hh's to zero, so the state_dict keeps torch.nn's layout (Keras'
+    unit_forget_bias with value 1; Jozefowicz et al. 2015)."""
+    bias_ih[hidden_size:2 * hidden_size].fill_(value)
+    bias_hh[hidden_size:2 * hidden_size].zero_()
+
+
 def _check_no_empty_sequence(input, batch_sizes, batch_first):
     if batch_sizes is None and input.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -28,8 +48,9 @@ class _RNNBase(nn.Module):
                      "bidirectional", "proj_size"]
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, proj_size=0, device=None, dtype=None):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None):
         super().__init__()
+        self.forget_bias = _check_forget_bias(forget_bias, bias)
         factory_kwargs = {"device": device, "dtype": dtype}
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
@@ -105,6 +126,9 @@ class _RNNBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+        if self.forget_bias is not None:
+            for names in self._all_weights:
+                _set_forget_bias(getattr(self, names[2]), getattr(self, names[3]), self.hidden_size, self.forget_bias)
 
     def extra_repr(self):
         s = "{input_size}, {hidden_size}"
@@ -120,6 +144,8 @@ class _RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.forget_bias is not None:
+            s += ", forget_bias={forget_bias}"
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------- torch.nn's checks
@@ -262,6 +288,8 @@ class GRU(_RNNBase):
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if "forget_bias" in kwargs:
+            raise TypeError("forget_bias is an LSTM argument: a GRU has no forget gate")
         super().__init__("GRU", *args, **kwargs)
 
     def check_forward_args(self, input, hidden, batch_sizes):
@@ -299,8 +327,9 @@ class GRU(_RNNBase):
 class _CellBase(nn.Module):
     """Shared by LSTMCell and GRUCell: torch.nn.RNNCellBase's parameters, init and checks."""
 
-    def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None):
+    def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, forget_bias=None):
         super().__init__()
+        self.forget_bias = _check_forget_bias(forget_bias, bias)
         factory_kwargs = {"device": device, "dtype": dtype}
         self._name = name
         self.input_size = input_size
@@ -320,12 +349,16 @@ class _CellBase(nn.Module):
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
+        if self.forget_bias is not None:
+            s += ", forget_bias={forget_bias}"
         return s.format(**self.__dict__)
 
     def reset_parameters(self):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+        if self.forget_bias is not None:
+            _set_forget_bias(self.bias_ih, self.bias_hh, self.hidden_size, self.forget_bias)
 
     def _check_input_dim(self, input):
         if input.dim() not in (1, 2):
@@ -359,8 +392,9 @@ class _CellBase(nn.Module):
 class LSTMCell(_CellBase):
     """Drop-in replacement for torch.nn.LSTMCell: one step, run by the fused LSTM op with T = 1."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
-        super().__init__("LSTMCell", input_size, hidden_size, bias, 4, device=device, dtype=dtype)
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, forget_bias=None):
+        super().__init__("LSTMCell", input_size, hidden_size, bias, 4, device=device, dtype=dtype,
+                         forget_bias=forget_bias)
 
     def forward(self, input, hx=None):
         self._check_input_dim(input)

@@ -191,3 +191,41 @@ def test_cells_with_hidden_size_zero_behave_as_torch_nn(mode, batched, bias, giv
     assert results[0][0] == results[1][0] == [torch.Size(state_shape)] * (2 if mode == "LSTMCell" else 1)
     torch.testing.assert_close(results[1][1], results[0][1])
     assert results[1][2] == results[0][2]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("value", [1.0, -0.5, 3])
+def test_forget_bias_sets_the_forget_gates_total_bias_and_nothing_else(mode, value):
+    """forget_bias=b (Keras' unit_forget_bias with b=1): b_ih's forget block is b and b_hh's is 0, so the gate's
+    bias is b; every other parameter is torch.nn's initialisation from the same seed; the state_dict is plain."""
+    kwargs = dict(num_layers=2, bidirectional=True) if mode == "LSTM" else {}
+    torch.manual_seed(0)
+    reference = getattr(nn, mode)(3, 5, **kwargs)
+    torch.manual_seed(0)
+    ours = getattr(gatedrnn, mode)(3, 5, forget_bias=value, **kwargs)
+    assert f"forget_bias={float(value)}" in repr(ours)
+    forget = slice(5, 10)
+    for name, p in ours.named_parameters():
+        expected = reference.state_dict()[name].clone()
+        if name.startswith("bias_ih"):
+            expected[forget] = value
+        elif name.startswith("bias_hh"):
+            expected[forget] = 0
+        torch.testing.assert_close(p.detach(), expected, atol=0, rtol=0, msg=name)
+    reference.load_state_dict(ours.state_dict())  # torch.nn's layout: loads as is
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.zero_()
+    ours.reset_parameters()  # re-initialising applies it again
+    assert all(torch.all(getattr(ours, n)[forget] == value) for n, _ in ours.named_parameters() if "bias_ih" in n)
+
+
+def test_forget_bias_refusals():
+    with pytest.raises(TypeError, match="forget_bias is an LSTM argument"):
+        gatedrnn.GRU(3, 5, forget_bias=1.0)
+    with pytest.raises(TypeError):
+        gatedrnn.GRUCell(3, 5, forget_bias=1.0)
+    with pytest.raises(TypeError, match="forget_bias should be a number or None, got: bool"):
+        gatedrnn.LSTM(3, 5, forget_bias=True)
+    with pytest.raises(ValueError, match="forget_bias needs bias=True"):
+        gatedrnn.LSTMCell(3, 5, bias=False, forget_bias=1.0)
