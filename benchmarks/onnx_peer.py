@@ -27,7 +27,8 @@ def describe():
     """One line for the report: the version and the threads it runs with."""
     import onnxruntime
 
-    return f"onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} intra-op threads (torch.nn's module exported to ONNX)"
+    return (f"onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} intra-op threads "
+            "(torch.nn's module exported to ONNX)")
 
 
 class OnnxRuntimeModule:

@@ -28,11 +28,10 @@ def batch_of(steps, count, generator):
 class Classifier(nn.Module):
     def __init__(self, mode):
         super().__init__()
-        self.rnn = getattr(gatedrnn, mode)(FEATURES, HIDDEN, batch_first=True)
+        # forget-gate bias 1 for the LSTM (Jozefowicz et al. 2015)
+        extra = {"forget_bias": 1.0} if mode == "LSTM" else {}
+        self.rnn = getattr(gatedrnn, mode)(FEATURES, HIDDEN, batch_first=True, **extra)
         self.head = nn.Linear(HIDDEN, CLASSES)
-        if mode == "LSTM":  # forget-gate bias 1: the second of torch's four gate blocks (i, f, g, o)
-            with torch.no_grad():
-                self.rnn.bias_ih_l0[HIDDEN:2 * HIDDEN] += 1.0
 
     def forward(self, x):
         _, state = self.rnn(x)

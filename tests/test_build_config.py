@@ -104,7 +104,8 @@ def test_staging_check_counts_global_loads_issued_after_a_shared_store(kernel_re
     starts a new interval."""
     count = kernel_resources_module.loads_after_shared_stores
     alternating = _sass("LDG.E R1, desc[UR4][R2.64]", "STS [R3], R1", "LDG.E R5, desc[UR4][R2.64+0x400]",
-                        "STS [R3+0x400], R5", "@!P0 LD.E R7, desc[UR4][R8.64]", "STS [R9], R7", "BAR.SYNC.DEFER_BLOCKING 0x0")
+                        "STS [R3+0x400], R5", "@!P0 LD.E R7, desc[UR4][R8.64]", "STS [R9], R7",
+                        "BAR.SYNC.DEFER_BLOCKING 0x0")
     batched = _sass("LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "@P1 LDG.E R8, desc[UR4][R10.64]", "STS.128 [R3], R4",
                     "STS [R12], R8", "BAR.SYNC.DEFER_BLOCKING 0x0", "LDG.E R1, desc[UR4][R2.64+0x80]",
                     "STS [R3], R1", "BAR.SYNC.DEFER_BLOCKING 0x0")

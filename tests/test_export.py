@@ -59,8 +59,9 @@ def test_exported_program_trains():
     torch.manual_seed(0)
     model = Encoder(batch_first=False).train()
     generator = torch.Generator().manual_seed(2)
+    batch = Dim("batch", min=1)
     program = export(model, _inputs(3, 7, False, generator),
-                     dynamic_shapes={"x": {0: Dim("steps", min=1), 1: Dim("batch", min=1)}, "h0": {1: Dim("batch", min=1)}})
+                     dynamic_shapes={"x": {0: Dim("steps", min=1), 1: batch}, "h0": {1: batch}})
     exported = program.module()
     x, h0 = _inputs(4, 9, False, generator)
     grads = []

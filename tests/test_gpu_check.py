@@ -106,7 +106,8 @@ def test_stage_limits_fit_the_seven_minutes_the_issue_allows():
 
 
 def test_run_command_kills_the_whole_process_group_at_its_limit():
-    grandchild = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    grandchild = ("import subprocess, sys, time; "
+                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
     code, out = gpu_check.run_command([sys.executable, "-c", grandchild], 1.5)
     assert code is None and "killed after" in out  # returned: no grandchild kept the pipe open
 
