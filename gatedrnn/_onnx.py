@@ -7,7 +7,9 @@ registry when onnxscript is installed (it is what the exporter itself needs), so
 call needs nothing more. Each translation is one ONNX node with torch.nn's semantics: the LSTM's gates
 reordered from torch's i, f, g, o to ONNX's i, o, f, c; the GRU's from r, z, n to z, r, h, with
 linear_before_reset=1 (torch's GRU applies the reset gate after W_hn h + b_hn). Batch and sequence length
-stay dynamic. Projections and packed input have no standard node: the modules refuse them by name when they
+stay dynamic. Padded input with `lengths` becomes the node's sequence_lens, which has the same meaning (zero
+outputs past a sequence's length, final states from its own last step, reverse from its own last element).
+Projections and packed input have no standard node: the modules refuse them by name when they
 see an export in progress, and the translations refuse them too (an export whose capture does not run the
 modules' Python still reaches those), so a wrong graph never comes out.
 """
@@ -46,7 +48,7 @@ def check_export(projection=False, packed=False):
                            "has no projection")
     if packed:
         raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
-                           "with padded input")
+                           "with padded input and lengths= instead (it becomes the nodes' sequence_lens)")
     if _unavailable is not None:
         raise RuntimeError(f"gatedrnn: ONNX export is unavailable: {_unavailable}")
 
@@ -68,6 +70,9 @@ def _define(op, ir, torch_op):
             return None
         return op.Unsqueeze(op.Concat(reorder(b_ih, blocks, order), reorder(b_hh, blocks, order), axis=0), [0])
 
+    def sequence_lens(lengths):
+        return None if lengths is None else op.Cast(lengths, to=ir.DataType.INT32)
+
     def saved(input, like, columns, save):
         """The saved-activation outputs: inference graphs never read them, so zeros of their declared shape
         (rows x columns, float32 for 16-bit input) or empty when the op was traced without saving."""
@@ -84,13 +89,14 @@ def _define(op, ir, torch_op):
     # this signature, and the optional ones (batch_sizes, biases, weight_hr) arrive as None.
     @torch_op("gatedrnn::lstm_forward", trace_only=True)
     def gatedrnn_lstm_forward(input, batch_sizes=None, hx=None, cx=None, weight_ih=None, weight_hh=None, bias_ih=None,
-                              bias_hh=None, weight_hr=None, reverse: bool = False, save_for_backward: bool = False):
+                              bias_hh=None, weight_hr=None, reverse: bool = False, save_for_backward: bool = False,
+                              lengths=None):
         refuse_what_has_no_node(batch_sizes, weight_hr)
         hidden = weight_hh.shape[1]
         order = (0, 3, 1, 2)  # torch i, f, g, o -> ONNX i, o, f, c
         y, y_h, y_c = op.LSTM(input, op.Unsqueeze(reorder(weight_ih, 4, order), [0]),
                               op.Unsqueeze(reorder(weight_hh, 4, order), [0]), bias(bias_ih, bias_hh, 4, order),
-                              None, op.Unsqueeze(hx, [0]), op.Unsqueeze(cx, [0]),
+                              sequence_lens(lengths), op.Unsqueeze(hx, [0]), op.Unsqueeze(cx, [0]),
                               direction="reverse" if reverse else "forward", hidden_size=hidden)
         hy, cy = op.Squeeze(y_h, [0]), op.Squeeze(y_c, [0])
         return (op.Squeeze(y, [1]), hy, cy, saved(input, hy, 4 * hidden, save_for_backward),
@@ -98,12 +104,13 @@ def _define(op, ir, torch_op):
 
     @torch_op("gatedrnn::gru_forward", trace_only=True)
     def gatedrnn_gru_forward(input, batch_sizes=None, hx=None, weight_ih=None, weight_hh=None, bias_ih=None,
-                             bias_hh=None, reverse: bool = False, save_for_backward: bool = False):
+                             bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None):
         refuse_what_has_no_node(batch_sizes)
         hidden = weight_hh.shape[1]
         order = (1, 0, 2)  # torch r, z, n -> ONNX z, r, h
         y, y_h = op.GRU(input, op.Unsqueeze(reorder(weight_ih, 3, order), [0]),
-                        op.Unsqueeze(reorder(weight_hh, 3, order), [0]), bias(bias_ih, bias_hh, 3, order), None,
+                        op.Unsqueeze(reorder(weight_hh, 3, order), [0]), bias(bias_ih, bias_hh, 3, order),
+                        sequence_lens(lengths),
                         op.Unsqueeze(hx, [0]), direction="reverse" if reverse else "forward", hidden_size=hidden,
                         linear_before_reset=1)
         hy = op.Squeeze(y_h, [0])

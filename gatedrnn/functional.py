@@ -6,7 +6,8 @@ directions' outputs, inter-layer dropout and stacking the final states. gatedrnn
 orchestration over its pure-PyTorch layers, so the two differ only in the per-layer math.
 
 Tensors are time-major: dense input is [T, B, I]; packed input is a PackedSequence's data [N, I] with its
-batch_sizes. `weights` is the flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for
+batch_sizes. Dense input may come with `lengths` ([B] integers): row b holds a sequence of lengths[b] steps,
+its outputs past that are zero and its final state is its own last step's (as if packed). `weights` is the flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for
 each direction, weight_ih, weight_hh, then bias_ih, bias_hh if `bias`, then weight_hr if projecting.
 """
 import torch
@@ -25,11 +26,11 @@ def _layer_weights(weights, index, bias, proj):
 
 
 def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num_layers, bidirectional, dropout,
-               training):
+               training, lengths=None):
     """Runs `layer_fn` over layers x directions.
 
     states: tuple of [num_layers * directions, B, *] initial states (hx,) or (hx, cx).
-    layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) returns
+    layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths) returns
     (output, *final_states). Returns (output, tuple of stacked final states).
     """
     directions = 2 if bidirectional else 1
@@ -41,7 +42,8 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
             index = layer * directions + direction
             layer_states = [s[index] for s in states]
             output, *final = layer_fn(layer_input, batch_sizes, *layer_states,
-                                      *_layer_weights(weights, index, bias, proj), reverse=direction == 1)
+                                      *_layer_weights(weights, index, bias, proj), reverse=direction == 1,
+                                      lengths=lengths)
             outputs.append(output)
             for collected, state in zip(finals, final):
                 collected.append(state)
@@ -55,10 +57,11 @@ def lstm_over(layer_fn):
     """A multi-layer LSTM built on `layer_fn` (one layer and direction -> (output, hy, cy))."""
 
     def lstm(input, batch_sizes, hx, cx, weights, *, bias=True, proj=False, num_layers=1, bidirectional=False,
-             dropout=0.0, training=False):
+             dropout=0.0, training=False, lengths=None):
         """Multi-layer LSTM over time-major input. Returns (output, (h_n, c_n)) as torch.nn.LSTM does."""
         return run_layers(layer_fn, input, batch_sizes, (hx, cx), weights, bias=bias, proj=proj,
-                          num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training)
+                          num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training,
+                          lengths=lengths)
 
     return lstm
 
@@ -67,22 +70,22 @@ def gru_over(layer_fn):
     """A multi-layer GRU built on `layer_fn` (one layer and direction -> (output, hy))."""
 
     def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
-            training=False):
+            training=False, lengths=None):
         """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does."""
         output, (hy,) = run_layers(layer_fn, input, batch_sizes, (hx,), weights, bias=bias, proj=False,
                                    num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
-                                   training=training)
+                                   training=training, lengths=lengths)
         return output, hy
 
     return gru
 
 
-def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-    return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
+    return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
 
 
-def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse)
+def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
+    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths)
 
 
 lstm = lstm_over(_lstm_layer)

@@ -36,6 +36,31 @@ def _set_forget_bias(bias_ih, bias_hh, hidden_size, value):
     bias_hh[hidden_size:2 * hidden_size].zero_()
 
 
+def _check_lengths(lengths, input, batch_sizes, is_batched, batch_first):
+    """lengths (a forward argument): None, or one length per batch row of padded (dense, batched) input, as a
+    1-D integer tensor or a sequence of ints. Returns it as a tensor. Its values are checked by the ops
+    (csrc/padded.h), where reading them costs no graph break under torch.compile."""
+    if lengths is None:
+        return None
+    if batch_sizes is not None:
+        raise ValueError("lengths is for padded input; a PackedSequence carries its own lengths")
+    if not is_batched:
+        raise ValueError("lengths needs batched (3-D) input")
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if lengths.dim() != 1 or lengths.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"lengths should be a 1-D int64 or int32 tensor, got a {lengths.dim()}-D {lengths.dtype} "
+                         "tensor")
+    batch = input.size(0 if batch_first else 1)
+    if lengths.size(0) != batch:
+        raise ValueError(f"Expected `len(lengths)` to be equal to batch_size, but got {lengths.size(0)} "
+                         f"(batch_size={batch})")
+    if lengths.device.type != "cpu" and lengths.device != input.device:
+        raise RuntimeError(f"lengths should be on the CPU or on the input's device ({input.device}), but is on "
+                           f"{lengths.device}")
+    return lengths
+
+
 def _check_no_empty_sequence(input, batch_sizes, batch_first):
     if batch_sizes is None and input.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -201,12 +226,12 @@ class _RNNBase(nn.Module):
             raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         return input, None, None, None, input.dim() == 3
 
-    def _run(self, input, batch_sizes, states):
+    def _run(self, input, batch_sizes, states, lengths=None):
         """Runs the layers on checked input (batch-first when batch_first) and returns (output, final states)."""
         if batch_sizes is None and self.batch_first:
             input = input.transpose(0, 1)
         kwargs = dict(bias=self.bias, num_layers=self.num_layers, bidirectional=self.bidirectional,
-                      dropout=self.dropout, training=self.training)
+                      dropout=self.dropout, training=self.training, lengths=lengths)
         if self.mode == "LSTM":
             output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
                                              proj=self.proj_size > 0, **kwargs)
@@ -253,8 +278,13 @@ class LSTM(_RNNBase):
         self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
                                "Expected hidden[1] size {}, got {}")
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
+        """torch.nn.LSTM's forward. `lengths` (optional, padded input only): one length per batch row; each
+        row then runs as its own sequence of that many steps, exactly as the packed path would run it: outputs
+        past its length are zero, its final state is its own last step's, and in reverse it starts at its own
+        last element. Lengths must be in [1, seq_len]."""
         data, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._unpack(input)
+        lengths = _check_lengths(lengths, data, batch_sizes, is_batched, self.batch_first)
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         if batch_sizes is None:
             batch_dim = 0 if self.batch_first else 1
@@ -274,7 +304,7 @@ class LSTM(_RNNBase):
         self.check_forward_args(data, hx, batch_sizes)
         _check_no_empty_sequence(data, batch_sizes, self.batch_first)
         hx = _permute(hx, sorted_indices)
-        output, (hy, cy) = self._run(data, batch_sizes, hx)
+        output, (hy, cy) = self._run(data, batch_sizes, hx, lengths)
         hy, cy = _permute((hy, cy), unsorted_indices)
         if batch_sizes is None and not is_batched:
             output = output.squeeze(0 if self.batch_first else 1)
@@ -297,8 +327,10 @@ class GRU(_RNNBase):
         self._check_hidden_device(input, (hidden,))
         self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
+        """torch.nn.GRU's forward, with `lengths` as in gatedrnn.LSTM.forward."""
         data, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._unpack(input)
+        lengths = _check_lengths(lengths, data, batch_sizes, is_batched, self.batch_first)
         if batch_sizes is None:
             if not is_batched:
                 data = data.unsqueeze(0 if self.batch_first else 1)
@@ -315,7 +347,7 @@ class GRU(_RNNBase):
         self.check_forward_args(data, hx, batch_sizes)
         _check_no_empty_sequence(data, batch_sizes, self.batch_first)
         (hx,) = _permute((hx,), sorted_indices)
-        output, (hy,) = self._run(data, batch_sizes, (hx,))
+        output, (hy,) = self._run(data, batch_sizes, (hx,), lengths)
         (hy,) = _permute((hy,), unsorted_indices)
         if batch_sizes is None and not is_batched:
             output = output.squeeze(0 if self.batch_first else 1)

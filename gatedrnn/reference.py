@@ -17,12 +17,16 @@ def _step_sizes(input, batch_sizes):
     return [input.shape[1]] * input.shape[0]
 
 
-def _run_steps(input, batch_sizes, states, step_fn, reverse):
+def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None):
     """Applies step_fn(x_t, *states_of_active_rows) -> (output_t, *new_states) over time.
 
     Step t sees only its first batch_sizes[t] rows. Rows that have finished (forward) or not yet started
     (reverse) keep their state, which is how a packed sequence's final state is each sequence's own last one.
+    With `lengths` (dense input), every step computes every row and masks: row b is running at step t when
+    t < lengths[b]; elsewhere its state is kept and its output is zero.
     """
+    if lengths is not None:
+        return _run_masked_steps(input, lengths, states, step_fn, reverse)
     sizes = _step_sizes(input, batch_sizes)
     data = input.reshape(-1, input.shape[-1])
     offsets = [0]
@@ -38,6 +42,18 @@ def _run_steps(input, batch_sizes, states, step_fn, reverse):
         outputs[t] = output
     output = torch.cat(outputs)
     return output.reshape(*input.shape[:-1], output.shape[-1]), states
+
+
+def _run_masked_steps(input, lengths, states, step_fn, reverse):
+    steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
+    outputs = [None] * input.shape[0]
+    lengths = lengths.to(input.device)
+    for t in steps:
+        running = (lengths > t).unsqueeze(1)
+        output, *new_states = step_fn(input[t], *states)
+        states = [torch.where(running, new, old) for new, old in zip(new_states, states)]
+        outputs[t] = torch.where(running, output, torch.zeros_like(output))
+    return torch.stack(outputs), states
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
@@ -69,18 +85,19 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return h, h
 
 
-def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
     """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy)."""
     output, (hy, cy) = _run_steps(
-        input, batch_sizes, (hx, cx), lambda x, h, c: lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr), reverse)
+        input, batch_sizes, (hx, cx), lambda x, h, c: lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr), reverse,
+        lengths)
     return output, hy, cy
 
 
-def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
     output, (hy,) = _run_steps(input, batch_sizes, (hx,), lambda x, h: gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
-                               reverse)
+                               reverse, lengths)
     return output, hy
 
 

@@ -57,6 +57,22 @@ def test_float64_matches_cpu_ops(emulated, config, batch):
             torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10, msg=lambda m: f"{part} output {k}: {m}")
 
 
+@pytest.mark.parametrize("mode,proj", [("LSTM", 0), ("LSTM", 20), ("GRU", 0)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_lengths(emulated, mode, proj, reverse):
+    """Padded input with lengths (csrc/padded.h, shared by both devices) through the CUDA entry points: the
+    packed schedule built from unsorted lengths, the state reordering and the padded saved activations."""
+    args = make_args(mode, 12, 40, False, True, proj, torch.float64)
+    steps = args[0].shape[0]
+    lengths = torch.tensor([5, steps, 1, steps, 7, 3, 3, 9, 2, steps, 4, 6]).clamp(max=steps)  # unsorted, ties
+    expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse, lengths=lengths)
+    actual = run_forward_backward(emulated, mode, args, reverse, lengths=lengths)
+    for a_list, e_list in zip(actual, expected):
+        for a, e in zip(a_list, e_list):
+            assert a.shape == e.shape
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("mask", [(False, True, False), (True, False, True), (False, False, False)], ids=str)
 def test_output_mask(emulated, mode, mask):

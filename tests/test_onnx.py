@@ -77,6 +77,40 @@ def test_layers_export_as_standard_nodes_that_match_torch_nn(mode, config, tmp_p
             torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
 
 
+class _WithLengths(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths):
+        output, state = self.rnn(x, lengths=lengths)
+        return (output, *state) if isinstance(state, tuple) else (output, state)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_lengths_export_as_sequence_lens(mode, tmp_path):
+    """Padded input with lengths= exports as the nodes' sequence_lens; ONNX Runtime then gives torch.nn's
+    results on the packed sequence (zero outputs past each length, both directions), at new shapes."""
+    reference, ours = _twins(mode, 2, True, True, True)
+    batch, steps = Dim("batch"), Dim("steps")
+    x = torch.randn(3, 7, 5)
+    model, session = _export(_WithLengths(ours).eval(), (x, torch.tensor([7, 2, 5])),
+                             ({0: batch, 1: steps}, {0: batch}), tmp_path / "lengths.onnx")
+    nodes = [n for n in model.graph.node if n.op_type == mode]
+    assert len(nodes) == 4 and all(len(n.input) > 4 and n.input[4] for n in nodes)  # sequence_lens is wired
+    for lengths in ([11, 3, 1, 11, 6], [2]):
+        x = torch.randn(len(lengths), max(lengths), 5)
+        actual = session.run(None, {"x": x.numpy(), "lengths": torch.tensor(lengths).numpy()})
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), batch_first=True,
+                                                         enforce_sorted=False)
+        with torch.no_grad():
+            out, state = reference(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        expected = [out] + (list(state) if mode == "LSTM" else [state])
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
 def test_cells_export(mode, tmp_path):
     torch.manual_seed(0)

@@ -16,6 +16,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
+#include "../padded.h"
 #include "../sequence.h"
 #include "loops.h"
 #include "matmul.h"
@@ -146,7 +147,7 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
                                                    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                   bool save) {
+                                                   bool save, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   // bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the projection
@@ -163,7 +164,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   const auto x2d = input.view({s.rows, s.input_size});
   // When saving, the projection is written straight into the saved buffer, whose rows the step's epilogue
   // then overwrites with r, z, n, hn.
-  auto saved = save ? at::empty({s.rows, kSaved * s.hidden}, input.options()) : Tensor();
+  // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
+  auto saved_kept = save ? at::empty({std::max(s.rows, saved_rows), kSaved * s.hidden}, input.options()) : Tensor();
+  auto saved = save ? saved_kept.narrow(0, 0, s.rows) : Tensor();
+  if (save) saved_kept.narrow(0, s.rows, saved_kept.size(0) - s.rows).zero_();  // rows no step writes: deterministic
   OptTensor bias_input;
   if (b_ih.has_value()) {
     // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r.
@@ -187,8 +191,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.hidden;
   const auto storage = input_.scalar_type();
-  if (!save) saved = at::empty({0}, input.options().dtype(dtype));
-  return {output2d.view(output_shape).to(storage), hy.to(storage), saved};
+  if (!save) saved_kept = at::empty({0}, input.options().dtype(dtype));
+  return {output2d.view(output_shape).to(storage), hy.to(storage), saved_kept};
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -306,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gatedrnn, CPU, m) {
-  m.impl("gru_forward", &gru_forward_cpu);
-  m.impl("gru_backward", &gru_backward_cpu);
+  m.impl("gru_forward", &gru_forward_op<gru_forward_cpu>);
+  m.impl("gru_backward", &gru_backward_op<gru_backward_cpu>);
 }
 
 }  // namespace gatedrnn::cpu

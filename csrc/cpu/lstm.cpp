@@ -16,6 +16,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
+#include "../padded.h"
 #include "../sequence.h"
 #include "loops.h"
 #include "matmul.h"
@@ -218,7 +219,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
                                                                     const Tensor& hx_, const Tensor& cx_,
                                                                     const Tensor& w_ih_, const Tensor& w_hh_,
                                                                     const OptTensor& b_ih_, const OptTensor& b_hh_,
-                                                                    const OptTensor& w_hr_, bool reverse, bool save) {
+                                                                    const OptTensor& w_hr_, bool reverse, bool save,
+                                                                    int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   if (input_.scalar_type() == at::kBFloat16 && !save && !w_hr_.has_value() && bf16_tiles_available()) {
@@ -234,11 +236,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   auto cy = cx_.to(dtype, false, true).contiguous();
 
   const auto x2d = input.view({s.rows, s.input_size});
-  auto gates = save ? at::empty({s.rows, kGates * s.hidden}, input.options()) : Tensor();
+  // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
+  const int64_t kept_rows = std::max(s.rows, saved_rows);
+  auto gates_kept = save ? at::empty({kept_rows, kGates * s.hidden}, input.options()) : Tensor();
+  auto gates = save ? gates_kept.narrow(0, 0, s.rows) : Tensor();
+  if (save) gates_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();  // rows no step writes: deterministic
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
-  auto cells = save ? at::empty({s.rows, s.hidden}, input.options()) : at::empty({0}, input.options());
+  auto cells_kept = at::empty({save ? kept_rows : 0, s.hidden}, input.options());
+  auto cells = save ? cells_kept.narrow(0, 0, s.rows) : at::empty({0}, input.options());
+  if (save) cells_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
@@ -248,8 +256,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
   const auto storage = input_.scalar_type();
-  if (!save) gates = at::empty({0}, input.options());
-  return {output2d.view(output_shape).to(storage), hy.to(storage), cy.to(storage), gates, cells};
+  if (!save) return {output2d.view(output_shape).to(storage), hy.to(storage), cy.to(storage),
+                     at::empty({0}, input.options()), at::empty({0}, input.options())};
+  return {output2d.view(output_shape).to(storage), hy.to(storage), cy.to(storage), gates_kept, cells_kept};
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -458,8 +467,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gatedrnn, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward_cpu);
-  m.impl("lstm_backward", &lstm_backward_cpu);
+  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cpu>);
+  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cpu>);
 }
 
 }  // namespace gatedrnn::cpu

@@ -18,6 +18,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
+#include "../padded.h"
 #include "../sequence.h"
 #include "launch.h"
 #include "platform.h"
@@ -100,7 +101,7 @@ constexpr auto gru_forward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const OptTensor& batch_sizes,
                                                     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                     const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                    bool save) {
+                                                    bool save, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_cuda_layer(op, input_, s.hidden);
@@ -113,7 +114,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
 
   const int64_t H = s.hidden;
   auto x_proj = at::mm(input.view({s.rows, s.input_size}), w_ih.t());
-  auto saved = save ? at::empty({s.rows, kSaved * H}, acc_options) : at::empty({0}, acc_options);
+  // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
+  const auto saved_kept = at::empty({save ? std::max(s.rows, saved_rows) : 0, kSaved * H}, acc_options);
+  auto saved = save ? saved_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
+  if (save) saved_kept.narrow(0, s.rows, saved_kept.size(0) - s.rows).zero_();  // rows no step writes: deterministic
   auto output2d = at::empty({s.rows, H}, input.options());
   auto hy = h0.clone();  // rows are overwritten at every step they are active in
   const auto w_tiles = forward_weight_tiles(w_hh, kGates, H);
@@ -139,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = H;
-  return {output2d.view(output_shape), hy, saved};
+  return {output2d.view(output_shape), hy, save ? saved_kept : saved};
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -249,8 +253,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
-  m.impl("gru_forward", &gru_forward_cuda);
-  m.impl("gru_backward", &gru_backward_cuda);
+  m.impl("gru_forward", &gru_forward_op<gru_forward_cuda>);
+  m.impl("gru_backward", &gru_backward_op<gru_backward_cuda>);
 }
 
 }  // namespace gatedrnn::cuda

@@ -20,6 +20,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
+#include "../padded.h"
 #include "../sequence.h"
 #include "launch.h"
 #include "platform.h"
@@ -135,7 +136,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
                                                                      const Tensor& hx_, const Tensor& cx_,
                                                                      const Tensor& w_ih_, const Tensor& w_hh_,
                                                                      const OptTensor& b_ih_, const OptTensor& b_hh_,
-                                                                     const OptTensor& w_hr_, bool reverse, bool save) {
+                                                                     const OptTensor& w_hr_, bool reverse, bool save,
+                                                                     int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   check_cuda_layer(op, input_, s.hidden);
@@ -144,8 +146,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
   const auto acc_options = input.options().dtype(acc_dtype);
 
   const int64_t G = kGates * s.hidden;
-  auto gates = save ? at::empty({s.rows, G}, acc_options) : at::empty({0}, acc_options);
-  auto cells = save ? at::empty({s.rows, s.hidden}, acc_options) : at::empty({0}, acc_options);
+  // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
+  const int64_t kept_rows = save ? std::max(s.rows, saved_rows) : 0;
+  const auto gates_kept = at::empty({kept_rows, G}, acc_options);
+  const auto cells_kept = at::empty({kept_rows, s.hidden}, acc_options);
+  auto gates = save ? gates_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
+  auto cells = save ? cells_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
+  if (save) {  // rows no step writes: deterministic
+    gates_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
+    cells_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
+  }
   // In float32/float64 training the saved activations overwrite the input projection in place.
   auto x_proj = save && dtype == acc_dtype ? gates : at::empty({s.rows, G}, input.options());
   at::mm_out(x_proj, input.view({s.rows, s.input_size}), w_ih.t());
@@ -162,7 +172,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
-  return {output2d.view(output_shape), hy, c_state.to(dtype), gates, cells};
+  if (!save) return {output2d.view(output_shape), hy, c_state.to(dtype), gates, cells};
+  return {output2d.view(output_shape), hy, c_state.to(dtype), gates_kept, cells_kept};
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -328,8 +339,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 }  // namespace
 
 TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
-  m.impl("lstm_forward", &lstm_forward_cuda);
-  m.impl("lstm_backward", &lstm_backward_cuda);
+  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cuda>);
+  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cuda>);
 }
 
 }  // namespace gatedrnn::cuda
