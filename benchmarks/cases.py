@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .variants import VARIANTS
+
 
 @dataclass(frozen=True)
 class Case:
@@ -17,6 +19,7 @@ class Case:
     packed: bool = False  # variable lengths, uniform in [min_length, T], as a PackedSequence
     dtype: torch.dtype = torch.float32
     min_length: int = 30
+    variant: str = ""  # a layer beyond torch.nn (benchmarks/variants.py), timed against a torch.nn cell loop
 
     @property
     def directions(self):
@@ -30,6 +33,8 @@ class Case:
             parts.append(f"packed {self.min_length}..{self.T}")
         if self.dtype != torch.float32:
             parts.append(str(self.dtype).replace("torch.", ""))
+        if self.variant:
+            parts.append(self.variant)
         return " ".join(parts)
 
     def slug(self):
@@ -41,7 +46,15 @@ class Case:
             parts.append("packed")
         if self.dtype != torch.float32:
             parts.append(str(self.dtype).replace("torch.", ""))
+        if self.variant:
+            parts.append(self.variant)
         return "-".join(parts)
+
+    @property
+    def baseline(self):
+        """What gatedrnn's speed-up is measured against: torch.nn's layer, or for a variant torch.nn has no
+        layer for, a Python loop over torch.nn's cell (benchmarks/variants.py)."""
+        return "torch.nn loop" if self.variant else "torch.nn"
 
     def lengths(self):
         """Sequence lengths of a packed case: uniform in [min_length, T], fixed by a seed."""
@@ -91,4 +104,6 @@ def standard_cases(device, full=False):
                     cases.append(Case(mode, T, B, I, H, training, dtype=dtype))
                 cases.append(Case(mode, 100, 64, 256, 256, training, layers=2, bidirectional=True, dtype=dtype))
                 cases.append(Case(mode, 100, 64, 256, 256, training, packed=True, dtype=dtype))
+    # The variants, in training, against a per-step loop over torch.nn's cell (and gatedrnn's plain layer).
+    cases += [Case(mode, 100, 64, 256, 256, True, variant=variant) for variant in VARIANTS for mode in ("LSTM", "GRU")]
     return cases

@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import gatedrnn
 
-from . import onnx_peer
+from . import onnx_peer, variants
 
 # Largest output difference (relative to the output's scale) that still counts as agreement, by dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -30,7 +30,8 @@ class Result:
     max_rel_diff: float = 0.0
     error: str = ""  # non-empty: the case was not timed, and why
 
-    def speedup(self, baseline="torch.nn"):
+    def speedup(self, baseline=None):
+        baseline = baseline or self.case.baseline
         if self.error or "gatedrnn" not in self.timings or baseline not in self.timings:
             return None
         return self.timings[baseline].median_ms / self.timings["gatedrnn"].median_ms
@@ -43,6 +44,8 @@ def implementations(device, case=None):
     names = []
     if gatedrnn.backend_info()[device]:
         names.append("gatedrnn")
+    if case is not None and case.variant:
+        return names + [variants.LOOP] + ([variants.PLAIN] if names else [])
     names.append("torch.nn")
     if device == "cuda":
         names.append("torch.nn no-cuDNN")
@@ -67,10 +70,14 @@ def make_modules(case, device, names):
     reference = getattr(nn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
     modules = {}
     for name in names:
-        if name == "gatedrnn":
-            ours = getattr(gatedrnn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
+        if name in ("gatedrnn", variants.PLAIN):
+            variant = variants.gatedrnn_kwargs(case) if name == "gatedrnn" else {}
+            ours = getattr(gatedrnn, case.mode)(case.I, case.H, **kwargs, **variant).to(device=device,
+                                                                                         dtype=case.dtype)
             ours.load_state_dict(reference.state_dict())
             modules[name] = ours
+        elif name == variants.LOOP:
+            modules[name] = variants.CellLoop(case, reference)
         elif name == onnx_peer.NAME:
             modules[name] = onnx_peer.OnnxRuntimeModule(reference, make_input(case, device)[0])
         else:
@@ -111,10 +118,15 @@ def make_step(case, name, module, x, leaf):
 
 
 def max_relative_difference(modules, x, leaf, case):
-    """Largest |difference| between each implementation's output (and, when training, input gradient) and
-    torch.nn's, over torch.nn's max |value|."""
+    """Largest |difference| between each implementation's output (and, when training, input gradient) and the
+    baseline's (torch.nn, or for a variant its cell loop), over the baseline's max |value|. Every module runs
+    from the same seed, so that a variant's random draws are the same on both sides; gatedrnn's plain layer
+    is not compared (it computes another function)."""
     answers = {}
     for name, module in modules.items():
+        if name == variants.PLAIN:
+            continue
+        torch.manual_seed(0)
         with _cudnn_flags(name), torch.set_grad_enabled(case.training):
             output = _output_tensor(module(x))
             values = [output.detach().float()]
@@ -123,7 +135,7 @@ def max_relative_difference(modules, x, leaf, case):
             answers[name] = values
     worst = 0.0
     for values in answers.values():
-        for value, reference in zip(values, answers["torch.nn"]):
+        for value, reference in zip(values, answers[case.baseline]):
             scale = reference.abs().max().item() or 1.0
             worst = max(worst, (value - reference).abs().max().item() / scale)
     return worst

@@ -101,7 +101,7 @@ def table(results, roofline):
         else:
             row += f"{'-':>9}{'-':>9}{'-':>9}"
         if r.memory_bytes:
-            row += f"{_mb(r.memory_bytes.get('torch.nn')) + '/' + _mb(r.memory_bytes.get('gatedrnn')):>16}"
+            row += f"{_mb(r.memory_bytes.get(r.case.baseline)) + '/' + _mb(r.memory_bytes.get('gatedrnn')):>16}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -135,6 +135,29 @@ GATEDRNN_HD acc_t lstm_backward(const LstmGates<acc_t>& a, acc_t c, acc_t c_prev
   return dc_total * a.f;
 }
 
+// ---------------------------------------------------------------- zoneout
+// Zoneout (Krueger et al. 2016): each unit of a state keeps its previous value with probability p, at every
+// step. `keep` is that step's draw for the unit (0 or 1) in training, and p itself in evaluation, where the
+// new value is the expectation. LSTM: c_t = zoneout(k_c, c_{t-1}, c~_t) and h_t = zoneout(k_h, h_{t-1},
+// o * tanh(c~_t)), both from the cell's own update c~_t = f * c_{t-1} + i * g (the paper's equations); GRU:
+// h_t = zoneout(k_h, h_{t-1}, h~_t). keep = 0 is the plain cell.
+template <typename acc_t>
+GATEDRNN_HD acc_t zoneout(acc_t keep, acc_t previous, acc_t updated) {
+  return keep * previous + (acc_t(1) - keep) * updated;
+}
+
+// The keep values of one layer and direction: [N, state] with any strides (a stride of 0 broadcasts p in
+// evaluation), or null for no zoneout.
+template <typename acc_t>
+struct ZoneoutKeep {
+  const acc_t* data = nullptr;
+  int64_t row_stride = 0, column_stride = 0;
+
+  GATEDRNN_HD acc_t at(int64_t row, int64_t column) const {
+    return data ? data[row * row_stride + column * column_stride] : acc_t(0);
+  }
+};
+
 // ---------------------------------------------------------------- GRU
 // Saved for backward per hidden unit: r, z, n and hn = (W_hn h + b_hn), the recurrent part of n's input.
 template <typename acc_t>

@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "cells.h"
+
 namespace gatedrnn {
 
 // Sizes of one layer-direction call. Dense input is [T, B, I]; packed input is [N, I] with batch_sizes.
@@ -122,6 +124,34 @@ inline void check_saved(const char* op, const at::Tensor& input, const at::Tenso
               op, ": saved activations (", name,
               ") are missing or have the wrong size, dtype or device; was the forward called with "
               "save_for_backward=True?");
+}
+
+// Zoneout keep values (cells.h): [rows, columns] in the op-math dtype, on the input's device, any strides.
+inline void check_zoneout(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& keep,
+                          int64_t rows, int64_t columns, const char* name) {
+  if (!keep.has_value()) return;
+  const auto expected = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(keep->scalar_type() == expected && keep->device() == input.device(), op, ": expected ", name,
+              " to be a ", expected, " tensor on ", input.device(), ", but got a ", keep->scalar_type(),
+              " tensor on ", keep->device());
+  TORCH_CHECK(keep->dim() == 2 && keep->size(0) == rows && keep->size(1) == columns, op, ": expected ", name,
+              " of size [", rows, ", ", columns, "] (one value per input row and unit), but got ", keep->sizes());
+}
+
+template <typename acc_t>
+ZoneoutKeep<acc_t> zoneout_keep(const std::optional<at::Tensor>& keep) {
+  if (!keep.has_value()) return {};
+  return {keep->const_data_ptr<acc_t>(), keep->stride(0), keep->stride(1)};
+}
+
+// The LSTM's zoneout acts on h and c as the recurrence sees them; with a projection h is another state.
+inline void check_lstm_zoneout(const char* op, const at::Tensor& input, const LayerShape& s,
+                               const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& zoneout,
+                               const std::optional<at::Tensor>& zoneout_cell) {
+  TORCH_CHECK(!w_hr.has_value() || (!zoneout.has_value() && !zoneout_cell.has_value()), op,
+              ": zoneout with a projection (proj_size) is not supported");
+  check_zoneout(op, input, zoneout, s.rows, s.hidden, "zoneout");
+  check_zoneout(op, input, zoneout_cell, s.rows, s.hidden, "zoneout_cell");
 }
 
 inline LayerShape check_lstm_forward_args(const char* op, const at::Tensor& input,

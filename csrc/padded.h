@@ -134,39 +134,51 @@ inline at::Tensor padded_grad(const PackedPlan& p, const at::Tensor& packed) {
   return packed.dim() == 2 ? scatter_padded(p, packed) : packed;
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
+// Optional per-row tensors (zoneout keep values [T * B, H]) in the packed row order.
+inline OptTensor gather_packed(const PackedPlan& p, const OptTensor& padded) {
+  return padded.has_value() ? OptTensor(gather_packed(p, *padded)) : padded;
+}
+
 // The ops with `lengths`, over a device's implementations without it. The implementations' forward takes
 // one more argument, the number of rows to allocate for saved activations (0: as many as the input has).
-using OptTensor = std::optional<at::Tensor>;
 using LstmForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LstmForward = LstmForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                          const OptTensor&, bool, bool, int64_t);
+                                          const OptTensor&, bool, bool, const OptTensor&, const OptTensor&, int64_t);
 using LstmBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LstmBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, bool, std::array<bool, 3>);
+                                            const at::Tensor&, const at::Tensor&, bool, std::array<bool, 3>,
+                                            const OptTensor&, const OptTensor&);
 using GruForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GruForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool, int64_t);
+                                        const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool,
+                                        const OptTensor&, int64_t);
 using GruBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using GruBackward = GruBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, bool, std::array<bool, 3>);
+                                          const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&);
 
 template <LstmForward Impl>
 LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                   const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
-                                  bool save, const OptTensor& lengths) {
+                                  bool save, const OptTensor& lengths, const OptTensor& zoneout,
+                                  const OptTensor& zoneout_cell) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
-  if (!plan) return Impl(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save, 0);
+  if (!plan) {
+    return Impl(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save, zoneout, zoneout_cell, 0);
+  }
   const PackedPlan& p = *plan;
   auto [output, hy, cy, gates, cells] =
       Impl(gather_packed(p, input), p.batch_sizes, to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"),
-           w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save, p.steps * p.batch);
+           w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save, gather_packed(p, zoneout), gather_packed(p, zoneout_cell),
+           p.steps * p.batch);
   return {scatter_padded(p, output), to_padded_order(p, hy), to_padded_order(p, cy), gates, cells};
 }
 
@@ -176,32 +188,35 @@ LstmBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                                     const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& output,
                                     const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-                                    std::array<bool, 3> output_mask, const OptTensor& lengths) {
+                                    std::array<bool, 3> output_mask, const OptTensor& lengths,
+                                    const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   constexpr const char* op = "gatedrnn::lstm_backward";
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
     return Impl(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih, w_hh, w_hr, output, gates, cells,
-                reverse, output_mask);
+                reverse, output_mask, zoneout, zoneout_cell);
   }
   const PackedPlan& p = *plan;
   auto [d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr] =
       Impl(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"),
            to_packed_order(op, p, grad_cy, "grad_cy"), gather_packed(p, input), p.batch_sizes,
            to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"), w_ih, w_hh, w_hr,
-           gather_packed(p, output), packed_saved(op, p, gates), packed_saved(op, p, cells), reverse, output_mask);
+           gather_packed(p, output), packed_saved(op, p, gates), packed_saved(op, p, cells), reverse, output_mask,
+           gather_packed(p, zoneout), gather_packed(p, zoneout_cell));
   return {padded_grad(p, d_input), to_padded_order(p, d_hx), to_padded_order(p, d_cx), d_w_ih, d_w_hh, d_bias, d_w_hr};
 }
 
 template <GruForward Impl>
 GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                                const OptTensor& b_hh, bool reverse, bool save, const OptTensor& lengths) {
+                                const OptTensor& b_hh, bool reverse, bool save, const OptTensor& lengths,
+                                const OptTensor& zoneout) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
-  if (!plan) return Impl(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save, 0);
+  if (!plan) return Impl(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, save, zoneout, 0);
   const PackedPlan& p = *plan;
   auto [output, hy, saved] = Impl(gather_packed(p, input), p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih,
-                                  w_hh, b_ih, b_hh, reverse, save, p.steps * p.batch);
+                                  w_hh, b_ih, b_hh, reverse, save, gather_packed(p, zoneout), p.steps * p.batch);
   return {scatter_padded(p, output), to_padded_order(p, hy), saved};
 }
 
@@ -209,17 +224,19 @@ template <GruBackward Impl>
 GruBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input,
                                   const OptTensor& batch_sizes, const at::Tensor& hx, const at::Tensor& w_ih,
                                   const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved,
-                                  bool reverse, std::array<bool, 3> output_mask, const OptTensor& lengths) {
+                                  bool reverse, std::array<bool, 3> output_mask, const OptTensor& lengths,
+                                  const OptTensor& zoneout) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
-    return Impl(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, saved, reverse, output_mask);
+    return Impl(grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, saved, reverse, output_mask,
+                zoneout);
   }
   const PackedPlan& p = *plan;
   auto [d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh] =
       Impl(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"), gather_packed(p, input),
            p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih, w_hh, gather_packed(p, output),
-           packed_saved(op, p, saved), reverse, output_mask);
+           packed_saved(op, p, saved), reverse, output_mask, gather_packed(p, zoneout));
   return {padded_grad(p, d_input), to_padded_order(p, d_hx), d_w_ih, d_w_hh, d_b_ih, d_b_hh};
 }
 

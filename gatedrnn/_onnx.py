@@ -40,15 +40,18 @@ def register_translations():
         _unavailable = f"registering gatedrnn's ONNX translations with onnxscript failed: {type(e).__name__}: {e}"
 
 
-def check_export(projection=False, packed=False):
+def check_export(projection=False, packed=False, zoneout=False):
     """Raises when an ONNX export cannot produce a correct graph: a feature ONNX's nodes lack (an LSTM
-    projection, packed input), or no translations in this process."""
+    projection, packed input, zoneout), or no translations in this process."""
     if projection:
         raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
                            "has no projection")
     if packed:
         raise RuntimeError("gatedrnn: ONNX export of PackedSequence input is not supported: export the model "
                            "with padded input and lengths= instead (it becomes the nodes' sequence_lens)")
+    if zoneout:
+        raise RuntimeError("gatedrnn: ONNX export of zoneout is not supported: ONNX's LSTM and GRU nodes cannot mix "
+                           "the previous state into the new one (zoneout's evaluation-time expectation)")
     if _unavailable is not None:
         raise RuntimeError(f"gatedrnn: ONNX export is unavailable: {_unavailable}")
 
@@ -60,10 +63,11 @@ def _define(op, ir, torch_op):
         rows = tensor.shape[0] // blocks
         return op.Concat(*[op.Slice(tensor, [k * rows], [(k + 1) * rows], [0]) for k in order], axis=0)
 
-    def refuse_what_has_no_node(batch_sizes, weight_hr=None):
+    def refuse_what_has_no_node(batch_sizes, weight_hr=None, *zoneout):
         # The modules refuse these before tracing; this guards the ops called directly, or traced by a
         # capture that does not run the modules' Python (a wrong graph must never come out).
-        check_export(projection=weight_hr is not None, packed=batch_sizes is not None)
+        check_export(projection=weight_hr is not None, packed=batch_sizes is not None,
+                     zoneout=any(z is not None for z in zoneout))
 
     def bias(b_ih, b_hh, blocks, order):
         if b_ih is None:
@@ -90,8 +94,8 @@ def _define(op, ir, torch_op):
     @torch_op("gatedrnn::lstm_forward", trace_only=True)
     def gatedrnn_lstm_forward(input, batch_sizes=None, hx=None, cx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                               bias_hh=None, weight_hr=None, reverse: bool = False, save_for_backward: bool = False,
-                              lengths=None):
-        refuse_what_has_no_node(batch_sizes, weight_hr)
+                              lengths=None, zoneout=None, zoneout_cell=None):
+        refuse_what_has_no_node(batch_sizes, weight_hr, zoneout, zoneout_cell)
         hidden = weight_hh.shape[1]
         order = (0, 3, 1, 2)  # torch i, f, g, o -> ONNX i, o, f, c
         y, y_h, y_c = op.LSTM(input, op.Unsqueeze(reorder(weight_ih, 4, order), [0]),
@@ -104,8 +108,9 @@ def _define(op, ir, torch_op):
 
     @torch_op("gatedrnn::gru_forward", trace_only=True)
     def gatedrnn_gru_forward(input, batch_sizes=None, hx=None, weight_ih=None, weight_hh=None, bias_ih=None,
-                             bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None):
-        refuse_what_has_no_node(batch_sizes)
+                             bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None,
+                             zoneout=None):
+        refuse_what_has_no_node(batch_sizes, None, zoneout)
         hidden = weight_hh.shape[1]
         order = (1, 0, 2)  # torch r, z, n -> ONNX z, r, h
         y, y_h = op.GRU(input, op.Unsqueeze(reorder(weight_ih, 3, order), [0]),

@@ -36,7 +36,7 @@ def _rows(input):
 # ----------------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gatedrnn::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
-                       save_for_backward, lengths=None):
+                       save_for_backward, lengths=None, zoneout=None, zoneout_cell=None):
     hidden = weight_ih.shape[0] // 4
     state = hx.shape[-1]
     saved_dtype = _compute_dtype(input.dtype)
@@ -58,7 +58,7 @@ def _grad_or_empty(wanted, like):
 
 @torch.library.register_fake("gatedrnn::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
-                        output, gates, cells, reverse, output_mask, lengths=None):
+                        output, gates, cells, reverse, output_mask, lengths=None, zoneout=None, zoneout_cell=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 4
     grad_bias = input.new_empty((4 * hidden,) if want_bias else (0,))
@@ -70,7 +70,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, c
 
 @torch.library.register_fake("gatedrnn::gru_forward")
 def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward,
-                      lengths=None):
+                      lengths=None, zoneout=None):
     hidden = weight_ih.shape[0] // 3
     saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
@@ -79,7 +79,7 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
-                       output_mask, lengths=None):
+                       output_mask, lengths=None, zoneout=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if want_bias else (0,)
@@ -92,7 +92,7 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _differentiable_backward(reference_layer, inputs, reverse, lengths, grad_outputs, extra_inputs):
+def _differentiable_backward(reference_layer, inputs, reverse, options, grad_outputs, extra_inputs):
     """The backward of one layer as a differentiable computation, for create_graph=True (gradient penalties,
     double backward): the layer is recomputed with gatedrnn.reference and differentiated by autograd. The
     fused backward kernels compute first-order gradients only, so this path is slower, and says so."""
@@ -100,19 +100,19 @@ def _differentiable_backward(reference_layer, inputs, reverse, lengths, grad_out
                   "layer's pure-PyTorch reference (gatedrnn.reference) for that backward, not the fused kernels; "
                   "it is correct but much slower.", stacklevel=2)
     with torch.enable_grad():
-        outputs = reference_layer(*inputs, reverse, lengths=lengths)
+        outputs = reference_layer(*inputs, reverse, **options)
     wanted = [k for k, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(outputs, [inputs[k] for k in wanted],
                                 [_zeros_if_none(g, o) for g, o in zip(grad_outputs, outputs)],
                                 create_graph=True, allow_unused=True)
-    result = [None] * (len(inputs) + extra_inputs)  # + reverse, save_for_backward, lengths
+    result = [None] * (len(inputs) + extra_inputs)  # + reverse, save_for_backward and the options
     for k, grad in zip(wanted, grads):
         result[k] = grad
     return tuple(result)
 
 
 def _lstm_setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save, lengths = inputs
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save, *options = inputs
     out, _, _, gates, cells = output
     ctx.reverse = reverse
     ctx.saved_forward = save
@@ -121,66 +121,70 @@ def _lstm_setup_context(ctx, inputs, output):
     # over N x 5H for nothing.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates,
-                          cells, lengths)
+                          cells, *options)  # lengths, zoneout, zoneout_cell
 
 
 def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
     if not ctx.saved_forward:
         raise RuntimeError("gatedrnn: lstm_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
-    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates, cells, lengths = \
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates, cells, *options = \
         ctx.saved_tensors
+    lengths, zoneout, zoneout_cell = (options + [None] * 3)[:3]
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import lstm_layer
         return _differentiable_backward(
             lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
-            lengths, (grad_output, grad_hy, grad_cy), extra_inputs=3)
+            dict(lengths=lengths, zoneout=zoneout, zoneout_cell=zoneout_cell), (grad_output, grad_hy, grad_cy),
+            extra_inputs=5)
     # An absent bias or projection never needs a gradient, so the mask also says which are present.
     needs = ctx.needs_input_grad
     want_input, want_weights, want_bias = needs[0], needs[4] or needs[5] or needs[8], needs[6] or needs[7]
     grads = _ops.lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
         batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
-        [want_input, want_weights, want_bias], lengths)
+        [want_input, want_weights, want_bias], lengths, zoneout, zoneout_cell)
     d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
     # Both biases enter the gates as a sum, so they get the same gradient.
     return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
-            d_w_hr if needs[8] else None, None, None, None)
+            d_w_hr if needs[8] else None, None, None, None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
 
 
 def _gru_setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save, lengths = inputs
+    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save, *options = inputs
     out, _, saved = output
     ctx.reverse = reverse
     ctx.saved_forward = save
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # see _lstm_setup_context
-    ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, lengths)
+    ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved,
+                          *options)  # lengths, zoneout
 
 
 def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
     if not ctx.saved_forward:
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
-    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, lengths = ctx.saved_tensors
+    input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, *options = ctx.saved_tensors
+    lengths, zoneout = (options + [None] * 2)[:2]
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import gru_layer
         return _differentiable_backward(
-            lambda *args, lengths: gru_layer(*args[:-1], None, args[-1], lengths=lengths),
-            [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse, lengths,
-            (grad_output, grad_hy), extra_inputs=3)
+            lambda *args, **options: gru_layer(*args[:-1], None, args[-1], **options),
+            [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse,
+            dict(lengths=lengths, zoneout=zoneout), (grad_output, grad_hy), extra_inputs=4)
     needs = ctx.needs_input_grad  # an absent bias never needs a gradient
     want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
-        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], lengths)
+        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], lengths, zoneout)
     return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
-            None, None)
+            None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
@@ -260,22 +264,45 @@ def _call_without_autocast(op, input, tensors, dtype, *flags):
         return op(*tensors, *flags)
 
 
-def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths=None):
-    """One LSTM layer and direction. Returns (output, hy, cy)."""
+def zoneout_keep(p, training, input, size):
+    """Zoneout keep values (csrc/cells.h) for one layer and direction over `input` (dense or packed rows), or
+    None when p is 0: in training a fresh draw per row, unit and step, 1 with probability p, from torch's
+    generator (torch.manual_seed reproduces it); in evaluation p itself, broadcast without memory."""
+    if not p:
+        return None
+    dtype = _compute_dtype(input.dtype)
+    if training:  # rand < p: a third of bernoulli_'s time on the CPU, the same distribution
+        return torch.rand(_rows(input), size, dtype=dtype, device=input.device).lt_(p)
+    return torch.full((1, 1), p, dtype=dtype, device=input.device).expand(_rows(input), size)
+
+
+def _keep_for(keep, dtype):
+    # Keep values are in the op-math dtype of the dtype the op runs in (autocast may change it).
+    return None if keep is None else keep.to(_compute_dtype(dtype))
+
+
+def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths=None,
+               zoneout=None, zoneout_cell=None):
+    """One LSTM layer and direction. Returns (output, hy, cy). zoneout, zoneout_cell: keep values
+    (zoneout_keep) or None."""
     _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
-                   bias_hh=bias_hh, weight_hr=weight_hr)
+                   bias_hh=bias_hh, weight_hr=weight_hr, zoneout=zoneout, zoneout_cell=zoneout_cell)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
-    output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors,
-                                                  _autocast_dtype(input, always=True), reverse, save, lengths)
+    dtype = _autocast_dtype(input, always=True)
+    runs_in = dtype or input.dtype
+    output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors, dtype, reverse, save, lengths,
+                                                  _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in))
     return output, hy, cy
 
 
-def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None):
-    """One GRU layer and direction. Returns (output, hy)."""
-    _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
+def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None):
+    """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None."""
+    _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                   zoneout=zoneout)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
-    output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, _autocast_dtype(input, always=False),
-                                           reverse, save, lengths)
+    dtype = _autocast_dtype(input, always=False)
+    output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, dtype, reverse, save, lengths,
+                                           _keep_for(zoneout, dtype or input.dtype))
     return output, hy

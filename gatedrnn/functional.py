@@ -7,8 +7,9 @@ orchestration over its pure-PyTorch layers, so the two differ only in the per-la
 
 Tensors are time-major: dense input is [T, B, I]; packed input is a PackedSequence's data [N, I] with its
 batch_sizes. Dense input may come with `lengths` ([B] integers): row b holds a sequence of lengths[b] steps,
-its outputs past that are zero and its final state is its own last step's (as if packed). `weights` is the flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for
-each direction, weight_ih, weight_hh, then bias_ih, bias_hh if `bias`, then weight_hr if projecting.
+its outputs past that are zero and its final state is its own last step's (as if packed). `weights` is the
+flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for each direction, weight_ih,
+weight_hh, then bias_ih, bias_hh if `bias`, then weight_hr if projecting.
 """
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,14 @@ def _layer_weights(weights, index, bias, proj):
 
 
 def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num_layers, bidirectional, dropout,
-               training, lengths=None):
+               training, lengths=None, zoneout=()):
     """Runs `layer_fn` over layers x directions.
 
     states: tuple of [num_layers * directions, B, *] initial states (hx,) or (hx, cx).
-    layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths) returns
-    (output, *final_states). Returns (output, tuple of stacked final states).
+    layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, zoneout)
+    returns (output, *final_states). zoneout: the zoneout probability of each state, in the order of `states`
+    (0: none); each layer and direction gets its own keep values (_ops.zoneout_keep). Returns (output, tuple
+    of stacked final states).
     """
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
@@ -41,9 +44,11 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
         for direction in range(directions):
             index = layer * directions + direction
             layer_states = [s[index] for s in states]
+            keep = [_ops.zoneout_keep(p, training, layer_input, s.shape[-1])
+                    for p, s in zip(zoneout or (0.0,) * len(states), layer_states)]
             output, *final = layer_fn(layer_input, batch_sizes, *layer_states,
                                       *_layer_weights(weights, index, bias, proj), reverse=direction == 1,
-                                      lengths=lengths)
+                                      lengths=lengths, zoneout=keep)
             outputs.append(output)
             for collected, state in zip(finals, final):
                 collected.append(state)
@@ -57,11 +62,11 @@ def lstm_over(layer_fn):
     """A multi-layer LSTM built on `layer_fn` (one layer and direction -> (output, hy, cy))."""
 
     def lstm(input, batch_sizes, hx, cx, weights, *, bias=True, proj=False, num_layers=1, bidirectional=False,
-             dropout=0.0, training=False, lengths=None):
+             dropout=0.0, training=False, lengths=None, zoneout=0.0, zoneout_cell=0.0):
         """Multi-layer LSTM over time-major input. Returns (output, (h_n, c_n)) as torch.nn.LSTM does."""
         return run_layers(layer_fn, input, batch_sizes, (hx, cx), weights, bias=bias, proj=proj,
                           num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training,
-                          lengths=lengths)
+                          lengths=lengths, zoneout=(zoneout, zoneout_cell))
 
     return lstm
 
@@ -70,22 +75,22 @@ def gru_over(layer_fn):
     """A multi-layer GRU built on `layer_fn` (one layer and direction -> (output, hy))."""
 
     def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
-            training=False, lengths=None):
+            training=False, lengths=None, zoneout=0.0):
         """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does."""
         output, (hy,) = run_layers(layer_fn, input, batch_sizes, (hx,), weights, bias=bias, proj=False,
                                    num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
-                                   training=training, lengths=lengths)
+                                   training=training, lengths=lengths, zoneout=(zoneout,))
         return output, hy
 
     return gru
 
 
-def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
-    return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None, None)):
+    return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, *zoneout)
 
 
-def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
-    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths)
+def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None,)):
+    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths, *zoneout)
 
 
 lstm = lstm_over(_lstm_layer)

@@ -61,6 +61,19 @@ def _check_lengths(lengths, input, batch_sizes, is_batched, batch_first):
     return lengths
 
 
+def _check_zoneout(name, p):
+    """zoneout, zoneout_cell: the probability that a unit keeps its previous value at a step (0: none)."""
+    if not isinstance(p, numbers.Number) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise ValueError(f"{name} should be a number in range [0, 1] representing the probability that a unit "
+                         f"keeps its previous value, got {p!r}")
+    return float(p)
+
+
+def _keep(p, training, input, size):
+    """A cell's zoneout keep values for one step ([B, size]), or None."""
+    return _ops.zoneout_keep(p, training, input.unsqueeze(0), size)
+
+
 def _check_no_empty_sequence(input, batch_sizes, batch_first):
     if batch_sizes is None and input.size(1 if batch_first else 0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -73,9 +86,15 @@ class _RNNBase(nn.Module):
                      "bidirectional", "proj_size"]
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None, zoneout=0.0,
+                 zoneout_cell=0.0):
         super().__init__()
         self.forget_bias = _check_forget_bias(forget_bias, bias)
+        self.zoneout = _check_zoneout("zoneout", zoneout)
+        self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
+        if proj_size > 0 and (self.zoneout or self.zoneout_cell):
+            raise ValueError("zoneout with proj_size is not supported: the fused kernels apply zoneout to the "
+                             "state the recurrence reads, which a projection changes")
         factory_kwargs = {"device": device, "dtype": dtype}
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
@@ -171,6 +190,10 @@ class _RNNBase(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.forget_bias is not None:
             s += ", forget_bias={forget_bias}"
+        if self.zoneout:
+            s += ", zoneout={zoneout}"
+        if self.zoneout_cell:
+            s += ", zoneout_cell={zoneout_cell}"
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------- torch.nn's checks
@@ -234,9 +257,11 @@ class _RNNBase(nn.Module):
                       dropout=self.dropout, training=self.training, lengths=lengths)
         if self.mode == "LSTM":
             output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
-                                             proj=self.proj_size > 0, **kwargs)
+                                             proj=self.proj_size > 0, zoneout=self.zoneout,
+                                             zoneout_cell=self.zoneout_cell, **kwargs)
         else:
-            output, hy = functional.gru(input, batch_sizes, *states, self._flat_weights, **kwargs)
+            output, hy = functional.gru(input, batch_sizes, *states, self._flat_weights, zoneout=self.zoneout,
+                                        **kwargs)
             finals = (hy,)
         if batch_sizes is None and self.batch_first:
             output = output.transpose(0, 1)
@@ -245,7 +270,8 @@ class _RNNBase(nn.Module):
     def _check_onnx_export(self, input):
         """Under torch.onnx.export: the layers export as ONNX LSTM/GRU nodes (gatedrnn/_onnx.py); what those
         nodes cannot express is refused here, by name, rather than exported wrong."""
-        _onnx.check_export(projection=self.proj_size > 0, packed=isinstance(input, PackedSequence))
+        _onnx.check_export(projection=self.proj_size > 0, packed=isinstance(input, PackedSequence),
+                           zoneout=bool(self.zoneout or self.zoneout_cell))
 
 
 def _permute(states, permutation):
@@ -320,6 +346,8 @@ class GRU(_RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if "forget_bias" in kwargs:
             raise TypeError("forget_bias is an LSTM argument: a GRU has no forget gate")
+        if "zoneout_cell" in kwargs:
+            raise TypeError("zoneout_cell is an LSTM argument: a GRU has no cell state (use zoneout)")
         super().__init__("GRU", *args, **kwargs)
 
     def check_forward_args(self, input, hidden, batch_sizes):
@@ -359,9 +387,12 @@ class GRU(_RNNBase):
 class _CellBase(nn.Module):
     """Shared by LSTMCell and GRUCell: torch.nn.RNNCellBase's parameters, init and checks."""
 
-    def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, forget_bias=None):
+    def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, forget_bias=None,
+                 zoneout=0.0, zoneout_cell=0.0):
         super().__init__()
         self.forget_bias = _check_forget_bias(forget_bias, bias)
+        self.zoneout = _check_zoneout("zoneout", zoneout)
+        self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
         factory_kwargs = {"device": device, "dtype": dtype}
         self._name = name
         self.input_size = input_size
@@ -383,6 +414,10 @@ class _CellBase(nn.Module):
             s += ", bias={bias}"
         if self.forget_bias is not None:
             s += ", forget_bias={forget_bias}"
+        if self.zoneout:
+            s += ", zoneout={zoneout}"
+        if self.zoneout_cell:
+            s += ", zoneout_cell={zoneout_cell}"
         return s.format(**self.__dict__)
 
     def reset_parameters(self):
@@ -424,9 +459,10 @@ class _CellBase(nn.Module):
 class LSTMCell(_CellBase):
     """Drop-in replacement for torch.nn.LSTMCell: one step, run by the fused LSTM op with T = 1."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, forget_bias=None):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, forget_bias=None, zoneout=0.0,
+                 zoneout_cell=0.0):
         super().__init__("LSTMCell", input_size, hidden_size, bias, 4, device=device, dtype=dtype,
-                         forget_bias=forget_bias)
+                         forget_bias=forget_bias, zoneout=zoneout, zoneout_cell=zoneout_cell)
 
     def forward(self, input, hx=None):
         self._check_input_dim(input)
@@ -446,9 +482,12 @@ class LSTMCell(_CellBase):
             hy, cy = self._empty_state(input, hx[0]), self._empty_state(input, hx[1])
             return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
         if torch.onnx.is_in_onnx_export():
-            _onnx.check_export()
+            _onnx.check_export(zoneout=bool(self.zoneout or self.zoneout_cell))
+        size = self.hidden_size
         _, hy, cy = _ops.lstm_layer(input.unsqueeze(0), None, hx[0], hx[1], self.weight_ih, self.weight_hh,
-                                    self.bias_ih, self.bias_hh, None, False)
+                                    self.bias_ih, self.bias_hh, None, False, None,
+                                    _keep(self.zoneout, self.training, input, size),
+                                    _keep(self.zoneout_cell, self.training, input, size))
         if not is_batched:
             hy, cy = hy.squeeze(0), cy.squeeze(0)
         return hy, cy
@@ -457,8 +496,8 @@ class LSTMCell(_CellBase):
 class GRUCell(_CellBase):
     """Drop-in replacement for torch.nn.GRUCell: one step, run by the fused GRU op with T = 1."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
-        super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype)
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, zoneout=0.0):
+        super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype, zoneout=zoneout)
 
     def forward(self, input, hx=None):
         self._check_input_dim(input)
@@ -476,7 +515,7 @@ class GRUCell(_CellBase):
             hy = self._empty_state(input, hx)
             return hy if is_batched else hy.squeeze(0)
         if torch.onnx.is_in_onnx_export():
-            _onnx.check_export()
+            _onnx.check_export(zoneout=bool(self.zoneout))
         _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                               self.bias_hh, False)
+                               self.bias_hh, False, None, _keep(self.zoneout, self.training, input, self.hidden_size))
         return hy if is_batched else hy.squeeze(0)

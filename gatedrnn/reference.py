@@ -17,8 +17,10 @@ def _step_sizes(input, batch_sizes):
     return [input.shape[1]] * input.shape[0]
 
 
-def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None):
-    """Applies step_fn(x_t, *states_of_active_rows) -> (output_t, *new_states) over time.
+def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None, extras=()):
+    """Applies step_fn(x_t, extras_t, *states_of_active_rows) -> (output_t, *new_states) over time.
+
+    extras: tensors with one row per input row ([rows, C], e.g. zoneout keep values), sliced like the input.
 
     Step t sees only its first batch_sizes[t] rows. Rows that have finished (forward) or not yet started
     (reverse) keep their state, which is how a packed sequence's final state is each sequence's own last one.
@@ -26,7 +28,7 @@ def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None):
     t < lengths[b]; elsewhere its state is kept and its output is zero.
     """
     if lengths is not None:
-        return _run_masked_steps(input, lengths, states, step_fn, reverse)
+        return _run_masked_steps(input, lengths, states, step_fn, reverse, extras)
     sizes = _step_sizes(input, batch_sizes)
     data = input.reshape(-1, input.shape[-1])
     offsets = [0]
@@ -36,40 +38,49 @@ def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None):
     order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         n = sizes[t]
-        x = data[offsets[t]:offsets[t] + n]
-        output, *new_states = step_fn(x, *(s[:n] for s in states))
+        rows = slice(offsets[t], offsets[t] + n)
+        output, *new_states = step_fn(data[rows], [e[rows] for e in extras], *(s[:n] for s in states))
         states = [torch.cat([new, old[n:]]) for new, old in zip(new_states, states)]
         outputs[t] = output
     output = torch.cat(outputs)
     return output.reshape(*input.shape[:-1], output.shape[-1]), states
 
 
-def _run_masked_steps(input, lengths, states, step_fn, reverse):
+def _run_masked_steps(input, lengths, states, step_fn, reverse, extras):
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
     outputs = [None] * input.shape[0]
     lengths = lengths.to(input.device)
+    extras = [e.reshape(*input.shape[:2], -1) for e in extras]
     for t in steps:
         running = (lengths > t).unsqueeze(1)
-        output, *new_states = step_fn(input[t], *states)
+        output, *new_states = step_fn(input[t], [e[t] for e in extras], *states)
         states = [torch.where(running, new, old) for new, old in zip(new_states, states)]
         outputs[t] = torch.where(running, output, torch.zeros_like(output))
     return torch.stack(outputs), states
 
 
-def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
-    """One LSTM step: returns (output, h', c'); output == h' (projected when w_hr is given)."""
+def _zoneout(keep, previous, updated):
+    """Zoneout (Krueger et al. 2016): keep is 1 where a unit keeps its previous value (training) or the
+    probability p of that (evaluation); None is no zoneout."""
+    return updated if keep is None else keep * previous + (1 - keep) * updated
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None, keep_c=None):
+    """One LSTM step: returns (output, h', c'); output == h' (projected when w_hr is given). With zoneout,
+    h' and c' both come from the cell's own update c~ = f * c + i * g."""
     gates = x @ w_ih.t() + h @ w_hh.t()
     if b_ih is not None:
         gates = gates + b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
     if w_hr is not None:
-        h = h @ w_hr.t()
-    return h, h, c
+        h_new = h_new @ w_hr.t()
+    h_new, c_new = _zoneout(keep_h, h, h_new), _zoneout(keep_c, c, c_new)
+    return h_new, h_new, c_new
 
 
-def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None):
     """One GRU step: returns (output, h'); output == h'."""
     gi = x @ w_ih.t()
     gh = h @ w_hh.t()
@@ -81,25 +92,48 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     r = torch.sigmoid(i_r + h_r)
     z = torch.sigmoid(i_z + h_z)
     n = torch.tanh(i_n + r * h_n)
-    h = (1 - z) * n + z * h
+    h = _zoneout(keep, h, (1 - z) * n + z * h)
     return h, h
 
 
-def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
-    """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy)."""
-    output, (hy, cy) = _run_steps(
-        input, batch_sizes, (hx, cx), lambda x, h, c: lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr), reverse,
-        lengths)
+def _present(*tensors):
+    return [t for t in tensors if t is not None]
+
+
+def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
+               zoneout_cell=None):
+    """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy). zoneout, zoneout_cell: keep
+    values [rows, H] (see _zoneout), or None."""
+
+    def step(x, extras, h, c):
+        keeps = iter(extras)
+        keep_h = next(keeps) if zoneout is not None else None
+        keep_c = next(keeps) if zoneout_cell is not None else None
+        return lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_h, keep_c)
+
+    output, (hy, cy) = _run_steps(input, batch_sizes, (hx, cx), step, reverse, lengths,
+                                  _present(zoneout, zoneout_cell))
     return output, hy, cy
 
 
-def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None):
+def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
-    output, (hy,) = _run_steps(input, batch_sizes, (hx,), lambda x, h: gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),
-                               reverse, lengths)
+
+    def step(x, extras, h):
+        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None)
+
+    output, (hy,) = _run_steps(input, batch_sizes, (hx,), step, reverse, lengths, _present(zoneout))
     return output, hy
 
 
-lstm = lstm_over(lstm_layer)  # reference for gatedrnn.functional.lstm
-gru = gru_over(gru_layer)  # reference for gatedrnn.functional.gru
+def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None)):
+    return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1])
+
+
+def _gru_layer(*args, reverse, lengths=None, zoneout=(None,)):
+    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0])
+
+
+lstm = lstm_over(_lstm_layer)  # reference for gatedrnn.functional.lstm
+gru = gru_over(_gru_layer)  # reference for gatedrnn.functional.gru

@@ -73,6 +73,24 @@ def test_lengths(emulated, mode, proj, reverse):
             torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mode,states", [("LSTM", "h"), ("LSTM", "c"), ("LSTM", "hc"), ("GRU", "h")])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_zoneout(emulated, mode, states, packed):
+    """Zoneout keep values (cells.h) through the CUDA kernels: training draws (0/1 per row and unit) for the
+    states named, evaluation's broadcast p (stride 0) for the others, forward and backward, both directions."""
+    args = make_args(mode, 12, 40, packed, True, 0, torch.float64)
+    rows, g = args[0].shape[0] * (1 if packed else args[0].shape[1]), torch.Generator().manual_seed(4)
+    keep = [torch.empty(rows, 40, dtype=torch.float64).bernoulli_(0.4, generator=g) if name in states
+            else torch.full((1, 1), 0.25, dtype=torch.float64).expand(rows, 40)
+            for name in ("hc" if mode == "LSTM" else "h")]
+    for reverse in (False, True):
+        expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse, zoneout=keep)
+        actual = run_forward_backward(emulated, mode, args, reverse, zoneout=keep)
+        for a_list, e_list in zip(actual, expected):
+            for a, e in zip(a_list, e_list):
+                torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("mask", [(False, True, False), (True, False, True), (False, False, False)], ids=str)
 def test_output_mask(emulated, mode, mask):

@@ -54,6 +54,7 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   const T* bias_input;  // [3H]: b_ih + (b_hh's r and z parts, which enter the gates like b_ih), or null
   const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
   S* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
+  ZoneoutKeep<T> keep;  // zoneout of h (cells.h), or none
   bool save;
   int64_t hidden, rows;
   Step step;
@@ -62,37 +63,48 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
     return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
   }
 
-  template <int L, bool kSave, bool kBias>
+  template <int L, bool kSave, bool kBias, bool kZoneout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* gi = input_proj + (row - proj_row0) * proj_stride + j0;
     const S* h = a_row(b) + j0;
     S* out = output + row * H + j0;
     S* hs = h_state + b * H + j0;
+    T keep_hidden[kZoneout ? L : 1];
+    if constexpr (kZoneout) load_keep(keep, row, j0, width, keep_hidden);
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       T in[kGates];
       for (int64_t q = 0; q < kGates; ++q) in[q] = gi[q * H + l] + (kBias ? bias_input[q * H + j0 + l] : T(0));
       const T gh_n = kBias ? acc[2 * L + l] + bias_hn[j0 + l] : acc[2 * L + l];
       const auto a = gru_activate<T>(in[0], in[1], in[2], acc[l], acc[L + l], gh_n);
-      const T h_new = gru_hidden(a, from_storage<T>(h[l]));
+      const T h_prev = from_storage<T>(h[l]);
+      T h_new = gru_hidden(a, h_prev);
+      if constexpr (kZoneout) h_new = zoneout(keep_hidden[l], h_prev, h_new);
       out[l] = to_storage<S>(h_new);
       hs[l] = to_storage<S>(h_new);
       if constexpr (kSave) store_gates(gi, H, l, a.r, a.z, a.n, a.hn);  // this row of the saved buffer
     }
   }
 
-  template <int L>
-  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
-    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+  template <int L, bool kZoneout>
+  GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t j0, int64_t width) const {
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGates * L;
       if (bias_hn) {
-        save ? cell<L, true, true>(a, b0 + r, j0, width) : cell<L, false, true>(a, b0 + r, j0, width);
+        save ? cell<L, true, true, kZoneout>(a, b0 + r, j0, width)
+             : cell<L, false, true, kZoneout>(a, b0 + r, j0, width);
       } else {
-        save ? cell<L, true, false>(a, b0 + r, j0, width) : cell<L, false, false>(a, b0 + r, j0, width);
+        save ? cell<L, true, false, kZoneout>(a, b0 + r, j0, width)
+             : cell<L, false, false, kZoneout>(a, b0 + r, j0, width);
       }
     }
+  }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+    keep.data ? finish_rows<L, true>(acc, b0, n, j0, width) : finish_rows<L, false>(acc, b0, n, j0, width);
   }
 };
 
@@ -108,7 +120,7 @@ GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "gru_forward_step
 template <typename T, typename S = T>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                       const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, const Tensor& h0,
-                      Tensor& saved, Tensor& output2d, Tensor& hy, bool save) {
+                      Tensor& saved, Tensor& output2d, Tensor& hy, bool save, const OptTensor& zoneout) {
   const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
   const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
@@ -129,6 +141,7 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                                 bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
                                 b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
                                 hy.data_ptr<S>(),
+                                zoneout_keep<T>(zoneout),
                                 save,
                                 H,
                                 0,
@@ -147,9 +160,10 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
                                                    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                   bool save, int64_t saved_rows) {
+                                                   bool save, const OptTensor& zoneout, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
   // bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the projection
   // buffer and the biases are float32. Otherwise everything in the compute dtype.
   const bool bf16 = input_.scalar_type() == at::kBFloat16 && !save && bf16_tiles_available();
@@ -179,12 +193,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
 #ifdef GATEDRNN_HAVE_BF16_TILES
   if (bf16) {
     gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d,
-                                           hy, false);
+                                           hy, false, zoneout);
   } else
 #endif
   {
     AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
-      gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d, hy, save);
+      gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d, hy, save,
+                                 zoneout);
     });
   }
 
@@ -213,6 +228,7 @@ struct BackwardTiles : TileBase<T, 4> {
   const T* grad_output;  // [N, H]
   T* carry;              // [B, H]: grad_hy, then the direct part of the gradient reaching h_{t-1}
   T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
+  ZoneoutKeep<T> keep;   // zoneout of h (cells.h), or none
   int64_t hidden, rows;
   Step step;
 
@@ -220,6 +236,11 @@ struct BackwardTiles : TileBase<T, 4> {
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    keep.data ? finish_rows<L, true>(acc, b0, n, p) : finish_rows<L, false>(acc, b0, n, p);
+  }
+
+  template <int L, bool kZoneout>
+  GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t H = hidden, j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, H - j0);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t b = b0 + r, row = step.offset + b;
@@ -230,11 +251,19 @@ struct BackwardTiles : TileBase<T, 4> {
       const T* d_out = grad_output + row * H + j0;
       T* cr = carry + b * H + j0;
       T* dg = d_gates + row * kGradCols * H + j0;
+      T keep_hidden[kZoneout ? kGroups * L : 1];
+      if constexpr (kZoneout) load_keep(keep, row, j0, width, keep_hidden);
       GATEDRNN_IVDEP
       for (int64_t l = 0; l < width; ++l) {
         const GruGates<T> g{sv[l], sv[H + l], sv[2 * H + l], sv[3 * H + l]};
         GruGateGrads<T> d_in, d_hid;
-        cr[l] = gru_backward(g, h_prev[l], a[l] + d_out[l] + cr[l], d_in, d_hid);
+        const T dh = a[l] + d_out[l] + cr[l];
+        if constexpr (kZoneout) {  // h_t = k h_{t-1} + (1 - k) h~_t: the kept part passes straight to h_{t-1}
+          const T k = keep_hidden[l];
+          cr[l] = gru_backward(g, h_prev[l], (T(1) - k) * dh, d_in, d_hid) + k * dh;
+        } else {
+          cr[l] = gru_backward(g, h_prev[l], dh, d_in, d_hid);
+        }
         store_gates(dg, H, l, d_in.r, d_in.z, d_hid.n, d_in.n);
       }
     }
@@ -246,7 +275,7 @@ GATEDRNN_TILE_KERNELS(run_backward_tiles, BackwardTiles, "gru_backward_step")
 template <typename T>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                        const Tensor& saved, const Tensor& output2d, const Tensor& h0, const Tensor& w_hh,
-                       Tensor& d_gates, Tensor& carry) {
+                       Tensor& d_gates, Tensor& carry, const OptTensor& zoneout) {
   const int64_t H = s.hidden, G = kGradCols * H, L = tile_lanes<T>();
   // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
   const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
@@ -260,6 +289,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                         grad_out2d.const_data_ptr<T>(),
                         carry.data_ptr<T>(),
                         d_gates.data_ptr<T>(),
+                        zoneout_keep<T>(zoneout),
                         H,
                         0,
                         Step{}};
@@ -279,10 +309,11 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
   const auto dtype = compute_dtype(input_.scalar_type());
   const int64_t H = s.hidden;
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -295,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGradCols * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
-    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh);
+    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout);
   });
   // dh0 = its direct part (left in the carry by each row's first step) + [dr, dz, dhn] of that step @ W_hh
   add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, kGates * H), w_hh);

@@ -56,6 +56,7 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   S* h_state;     // [B, R]: each row's latest h_t (the final state at the end)
   T* cells;       // [N, H]: saved c_t, or null
   T* pre_proj;    // [B, H]: h_t before the projection, or null
+  ZoneoutKeep<T> keep_h, keep_c;  // without a projection only
   int64_t hidden, state, rows;
   Step step;
 
@@ -63,18 +64,28 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
     return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
   }
 
-  template <int L, bool kSave, bool kProj, bool kBias>
+  template <int L, bool kSave, bool kProj, bool kBias, bool kZoneout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* g = input_proj + (row - proj_row0) * proj_stride + j0;
     T* c = c_state + b * H + j0;
+    const S* h_prev = a_row(b) + j0;  // used with zoneout only (no projection: R = H)
+    T keep_hidden[kZoneout ? L : 1], keep_cell[kZoneout ? L : 1];
+    if constexpr (kZoneout) {
+      load_keep(keep_h, row, j0, width, keep_hidden);
+      load_keep(keep_c, row, j0, width, keep_cell);
+    }
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       T pre[kGates];
       for (int64_t q = 0; q < kGates; ++q) pre[q] = acc[q * L + l] + g[q * H + l] + (kBias ? bias[q * H + j0 + l] : T(0));
       const auto a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
-      const T c_new = lstm_cell_state(a, c[l]);
-      const T h_new = lstm_hidden(a, c_new);
+      T c_new = lstm_cell_state(a, c[l]);
+      T h_new = lstm_hidden(a, c_new);
+      if constexpr (kZoneout) {  // both from the cell's own update (cells.h); keep 0 for a state without
+        h_new = zoneout(keep_hidden[l], from_storage<T>(h_prev[l]), h_new);
+        c_new = zoneout(keep_cell[l], c[l], c_new);
+      }
       c[l] = c_new;
       if constexpr (kSave) {
         store_gates(g, H, l, a.i, a.f, a.g, a.o);
@@ -89,25 +100,38 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
     }
   }
 
-  template <int L>
-  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
-    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+  template <int L, bool kZoneout>
+  GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t j0, int64_t width) const {
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGates * L;
       const int64_t b = b0 + r;
       if (bias) {
         if (cells) {
-          pre_proj ? cell<L, true, true, true>(a, b, j0, width) : cell<L, true, false, true>(a, b, j0, width);
+          pre_proj ? cell<L, true, true, true, kZoneout>(a, b, j0, width)
+                   : cell<L, true, false, true, kZoneout>(a, b, j0, width);
         } else {
-          pre_proj ? cell<L, false, true, true>(a, b, j0, width) : cell<L, false, false, true>(a, b, j0, width);
+          pre_proj ? cell<L, false, true, true, kZoneout>(a, b, j0, width)
+                   : cell<L, false, false, true, kZoneout>(a, b, j0, width);
         }
       } else {
         if (cells) {
-          pre_proj ? cell<L, true, true, false>(a, b, j0, width) : cell<L, true, false, false>(a, b, j0, width);
+          pre_proj ? cell<L, true, true, false, kZoneout>(a, b, j0, width)
+                   : cell<L, true, false, false, kZoneout>(a, b, j0, width);
         } else {
-          pre_proj ? cell<L, false, true, false>(a, b, j0, width) : cell<L, false, false, false>(a, b, j0, width);
+          pre_proj ? cell<L, false, true, false, kZoneout>(a, b, j0, width)
+                   : cell<L, false, false, false, kZoneout>(a, b, j0, width);
         }
       }
+    }
+  }
+
+  template <int L>
+  GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
+    const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
+    if (keep_h.data || keep_c.data) {
+      finish_rows<L, true>(acc, b0, n, j0, width);
+    } else {
+      finish_rows<L, false>(acc, b0, n, j0, width);
     }
   }
 };
@@ -125,7 +149,8 @@ GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "lstm_forward_ste
 template <typename T, typename S = T>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                        const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, const Tensor& h0,
-                       Tensor& gates, Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save) {
+                       Tensor& gates, Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save,
+                       const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H, L = lanes_for<S>();
   const bool proj = w_hr.has_value();
   constexpr bool kSameTypes = std::is_same_v<S, T>;
@@ -152,6 +177,8 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                                 hy.data_ptr<S>(),
                                 save ? cells.data_ptr<T>() : nullptr,
                                 proj ? pre_proj.data_ptr<T>() : nullptr,
+                                zoneout_keep<T>(zoneout),
+                                zoneout_keep<T>(zoneout_cell),
                                 H,
                                 R,
                                 0,
@@ -191,7 +218,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
                                                                      const OptTensor& batch_sizes, const Tensor& hx_,
                                                                      const Tensor& cx_, const Tensor& w_ih,
                                                                      const Tensor& w_hh, const OptTensor& b_ih,
-                                                                     const OptTensor& b_hh, bool reverse) {
+                                                                     const OptTensor& b_hh, bool reverse,
+                                                                     const OptTensor& zoneout,
+                                                                     const OptTensor& zoneout_cell) {
 #ifdef GATEDRNN_HAVE_BF16_TILES
   const auto input = input_.contiguous();
   const auto x2d = input.view({s.rows, s.input_size});
@@ -206,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
   auto gates = at::empty({0}, f32), cells = at::empty({0}, f32);
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   lstm_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, std::nullopt, bias, h0, gates, output2d, hy,
-                                          cy, cells, false);
+                                          cy, cells, false, zoneout, zoneout_cell);
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
   return {output2d.view(output_shape), hy, cy.to(at::kBFloat16), at::empty({0}, f32), at::empty({0}, f32)};
@@ -220,11 +249,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
                                                                     const Tensor& w_ih_, const Tensor& w_hh_,
                                                                     const OptTensor& b_ih_, const OptTensor& b_hh_,
                                                                     const OptTensor& w_hr_, bool reverse, bool save,
+                                                                    const OptTensor& zoneout,
+                                                                    const OptTensor& zoneout_cell,
                                                                     int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
+  check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
   if (input_.scalar_type() == at::kBFloat16 && !save && !w_hr_.has_value() && bf16_tiles_available()) {
-    return lstm_forward_bf16(s, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, reverse);
+    return lstm_forward_bf16(s, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, reverse, zoneout,
+                             zoneout_cell);
   }
 
   const auto dtype = compute_dtype(input_.scalar_type());
@@ -250,7 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
-    lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, h0, gates, output2d, hy, cy, cells, save);
+    lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, h0, gates, output2d, hy, cy, cells, save,
+                                zoneout, zoneout_cell);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -311,12 +345,13 @@ struct BackwardTiles : TileBase<T, 4> {
   T* dc_state;           // [B, H]: gradient reaching c_t in, c_{t-1} out
   T* d_gates;            // [N, 4H]
   T* pre_proj;           // [N, H]: recomputed h_t before the projection (for dW_hr), or null
+  ZoneoutKeep<T> keep_h, keep_c;  // without a projection only
   int64_t hidden, state, rows;
   Step step;
 
   const T* a_row(int64_t b) const { return d_proj ? d_proj + (step.offset + b) * state : later.row(b); }
 
-  template <bool kProj>
+  template <int L, bool kProj, bool kZoneout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     const T* g = gates + row * kGates * H + j0;
@@ -328,6 +363,11 @@ struct BackwardTiles : TileBase<T, 4> {
     // Without a projection hidden units are state columns (R = H).
     const T* go = kProj ? nullptr : grad_output + row * state + j0;
     T* cr = kProj ? nullptr : carry + b * state + j0;
+    T keep_hidden[kZoneout ? kGroups * L : 1], keep_cell[kZoneout ? kGroups * L : 1];
+    if constexpr (kZoneout) {
+      load_keep(keep_h, row, j0, width, keep_hidden);
+      load_keep(keep_c, row, j0, width, keep_cell);
+    }
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       const LstmGates<T> a{g[l], g[H + l], g[2 * H + l], g[3 * H + l]};
@@ -339,7 +379,17 @@ struct BackwardTiles : TileBase<T, 4> {
         cr[l] = T(0);
       }
       LstmGateGrads<T> d;
-      dc[l] = lstm_backward(a, c[l], c_prev[l], d_hidden, dc[l], d);
+      if constexpr (kZoneout) {
+        // h_t = k_h h_{t-1} + (1 - k_h) o tanh(c~), c_t = k_c c_{t-1} + (1 - k_c) c~ (cells.h): the kept parts
+        // pass straight to step t-1 (h's through the carry), the rest through the cell's own derivative at
+        // c~ = f c_{t-1} + i g, which is recomputed (c_t is saved zoned out).
+        const T k_h = keep_hidden[l], k_c = keep_cell[l];
+        cr[l] = k_h * d_hidden;
+        const T c_cand = lstm_cell_state(a, c_prev[l]);
+        dc[l] = lstm_backward(a, c_cand, c_prev[l], (T(1) - k_h) * d_hidden, (T(1) - k_c) * dc[l], d) + k_c * dc[l];
+      } else {
+        dc[l] = lstm_backward(a, c[l], c_prev[l], d_hidden, dc[l], d);
+      }
       store_gates(dg, H, l, d.i, d.f, d.g, d.o);
     }
   }
@@ -349,7 +399,13 @@ struct BackwardTiles : TileBase<T, 4> {
     const int64_t j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, hidden - j0);
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGroups * L;
-      pre_proj ? cell<true>(a, b0 + r, j0, width) : cell<false>(a, b0 + r, j0, width);
+      if (pre_proj) {
+        cell<L, true, false>(a, b0 + r, j0, width);
+      } else if (keep_h.data || keep_c.data) {
+        cell<L, false, true>(a, b0 + r, j0, width);
+      } else {
+        cell<L, false, false>(a, b0 + r, j0, width);
+      }
     }
   }
 };
@@ -360,7 +416,7 @@ template <typename T>
 void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                         const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
                         const OptTensor& w_hr, Tensor& d_gates, Tensor& carry, Tensor& dc, Tensor& d_proj,
-                        Tensor& hidden_pre_proj) {
+                        Tensor& hidden_pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H, L = tile_lanes<T>();
   const bool proj = w_hr.has_value();
   // dh = dG @ W_hh ([4H, R]) and, with a projection, dh_pre = d_proj @ W_hr ([R, H]): both weights are
@@ -392,6 +448,8 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
                         dc.data_ptr<T>(),
                         d_gates.data_ptr<T>(),
                         proj ? hidden_pre_proj.data_ptr<T>() : nullptr,
+                        zoneout_keep<T>(zoneout),
+                        zoneout_keep<T>(zoneout_cell),
                         H,
                         R,
                         0,
@@ -425,10 +483,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& grad_cy_, const Tensor& input_,
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   constexpr const char* op = "gatedrnn::lstm_backward";
   const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
                                                 w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
+  check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
   const auto dtype = compute_dtype(input_.scalar_type());
 
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -449,10 +508,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_backward_cpu", [&] {
     lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, gates, cells, cx, w_hh, w_hr, d_gates, carry, dc, d_proj,
-                                 hidden_pre_proj);
+                                 hidden_pre_proj, zoneout, zoneout_cell);
   });
-  // Every row's carry was consumed (zeroed) by its last step, unless there was none (T = 0: h_n is h0);
-  // h0 reaches the rows' first steps through W_hh.
+  // Every row's carry was consumed (zeroed) by its last step, unless there was none (T = 0: h_n is h0), or
+  // holds the kept part k_h dh of its first step with zoneout; h0 reaches the rows' first steps through W_hh.
   auto& dh = carry;
   add_initial_state_grad(dh, schedule, d_gates, w_hh);
 

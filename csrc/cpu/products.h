@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cells.h"
 #include "../sequence.h"
 #include "team.h"
 #include "tiles.h"
@@ -104,6 +105,19 @@ GATEDRNN_ALWAYS_INLINE T from_storage(S x) {
   } else {
     return x;
   }
+}
+
+// One row's zoneout keep values for units [j0, j0 + width) into `out` (0 without zoneout), so that an
+// epilogue's vectorised loop reads a plain array whatever the keep values' strides (a training draw per unit,
+// or evaluation's broadcast p).
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void load_keep(const ZoneoutKeep<T>& keep, int64_t row, int64_t j0, int64_t width, T* out) {
+  if (!keep.data) {
+    for (int64_t l = 0; l < width; ++l) out[l] = T(0);
+    return;
+  }
+  const T* k = keep.data + row * keep.row_stride + j0 * keep.column_stride;
+  for (int64_t l = 0; l < width; ++l) out[l] = k[l * keep.column_stride];
 }
 
 // Rows of an inference call's projection buffer: about 4 MiB, whatever T is.

@@ -45,6 +45,7 @@ struct GruForwardStep {
   scalar_t* output;         // [N, H]: h_t; the previous step's rows are this step's h_{t-1}
   scalar_t* hy;             // [B, H]
   acc_t* saved;             // [N, 4H]: r, z, n, hn, or null
+  ZoneoutKeep<acc_t> keep;  // zoneout of h (cells.h), or none
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(co
     }
     const auto a = gru_activate<acc_t>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2]);
     const acc_t h_prev = static_cast<acc_t>(previous_state(p.output, p.h0, b, p.step, H)[j]);
-    const acc_t h = gru_hidden(a, h_prev);
+    acc_t h = gru_hidden(a, h_prev);
+    if (p.keep.data) h = zoneout(p.keep.at(row, j), h_prev, h);
     p.output[row * H + j] = static_cast<scalar_t>(h);
     p.hy[b * H + j] = static_cast<scalar_t>(h);
     if (p.saved) {
@@ -101,9 +103,10 @@ constexpr auto gru_forward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const OptTensor& batch_sizes,
                                                     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                     const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                    bool save, int64_t saved_rows) {
+                                                    bool save, const OptTensor& zoneout, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, no_proj, dtype, acc_dtype] =
@@ -133,6 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
                                output2d.data_ptr<scalar_t>(),
                                hy.data_ptr<scalar_t>(),
                                save ? saved.data_ptr<acc_t>() : nullptr,
+                               zoneout_keep<acc_t>(zoneout),
                                H,
                                Step{}};
     for (const Step& step : schedule) {
@@ -155,10 +159,12 @@ struct GruBackwardStep {
   int64_t later_rows;           // rows of this step that fed that later step
   const scalar_t* grad_output;  // [N, H]
   acc_t* carry;                 // [B, H]: grad_hy, then each row's direct part dh_t * z_t for its earlier step
+                                // (with zoneout: k dh_t + (1 - k) dh_t * z_t)
   const acc_t* saved;           // [N, 4H]: r, z, n, hn
   const scalar_t* output;       // [N, H]
   const scalar_t* h0;           // [B, H]
   scalar_t* d_gates;            // [N, 4H]: dr, dz, dhn, dn out
+  ZoneoutKeep<acc_t> keep;      // zoneout of h (cells.h), or none
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -186,7 +192,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(c
     const GruGates<acc_t> a{sv[0], sv[H], sv[2 * H], sv[3 * H]};
     const acc_t h_prev = static_cast<acc_t>(previous_state(p.output, p.h0, b, p.step, H)[j]);
     GruGateGrads<acc_t> d_in, d_hid;
-    p.carry[b * H + j] = gru_backward(a, h_prev, dh, d_in, d_hid);
+    if (p.keep.data) {  // h_t = k h_{t-1} + (1 - k) h~_t: the kept part passes straight to h_{t-1}
+      const acc_t k = p.keep.at(row, j);
+      p.carry[b * H + j] = gru_backward(a, h_prev, (acc_t(1) - k) * dh, d_in, d_hid) + k * dh;
+    } else {
+      p.carry[b * H + j] = gru_backward(a, h_prev, dh, d_in, d_hid);
+    }
     scalar_t* dg = p.d_gates + row * kSaved * H + j;
     dg[0] = static_cast<scalar_t>(d_in.r);
     dg[H] = static_cast<scalar_t>(d_in.z);
@@ -203,10 +214,11 @@ constexpr auto gru_backward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, no_proj, dtype, acc_dtype] =
@@ -230,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     p.output = output2d.const_data_ptr<scalar_t>();
     p.h0 = hx.const_data_ptr<scalar_t>();
     p.d_gates = d_gates.data_ptr<scalar_t>();
+    p.keep = zoneout_keep<acc_t>(zoneout);
     p.hidden = H;
     for (size_t k = schedule.size(); k-- > 0;) {
       const Step& step = schedule[k];

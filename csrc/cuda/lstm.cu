@@ -48,6 +48,7 @@ struct LstmForwardStep {
   acc_t* c_state;           // [B, H]: c_{t-1} in, c_t out
   acc_t* gates;             // [N, 4H]: saved activations, or null
   acc_t* cells;             // [N, H]: saved c_t, or null
+  ZoneoutKeep<acc_t> keep_h, keep_c;  // zoneout (cells.h), without a projection only
   int64_t hidden, state;
   Step step;  // this step's rows (sequence.h)
 };
@@ -75,8 +76,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_forward_step(c
       pre[g] = acc[g][i] + static_cast<acc_t>(x[g * H]) + (p.bias ? p.bias[g * H + j] : acc_t(0));
     }
     const auto a = lstm_activate<acc_t>(pre[0], pre[1], pre[2], pre[3]);
-    const acc_t c = lstm_cell_state(a, p.c_state[b * H + j]);
-    const acc_t h = lstm_hidden(a, c);
+    const acc_t c_prev = p.c_state[b * H + j];
+    acc_t c = lstm_cell_state(a, c_prev);
+    acc_t h = lstm_hidden(a, c);
+    if (p.keep_h.data) {  // both from the cell's own update (cells.h); R = H without a projection
+      const scalar_t* h_prev =
+          b < p.step.prev_rows ? p.output + (p.step.prev_offset + b) * p.state : p.h0 + b * p.state;
+      h = zoneout(p.keep_h.at(row, j), static_cast<acc_t>(h_prev[j]), h);
+    }
+    if (p.keep_c.data) c = zoneout(p.keep_c.at(row, j), c_prev, c);
     p.c_state[b * H + j] = c;
     if (p.gates) {  // x was read above: overwriting it in place is safe
       acc_t* saved = p.gates + row * kGates * H + j;
@@ -103,7 +111,8 @@ constexpr auto lstm_forward_step_instance = [](auto rpt) {  // for launch_step
 template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x_proj,
                        const OptTensor& bias, const Tensor& h0, const Tensor& w_hh, const OptTensor& w_hr,
-                       Tensor& output2d, Tensor& hy, Tensor& c_state, Tensor& gates, Tensor& cells, bool save) {
+                       Tensor& output2d, Tensor& hy, Tensor& c_state, Tensor& gates, Tensor& cells, bool save,
+                       const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool proj = w_hr.has_value();
   const auto w_tiles = forward_weight_tiles(w_hh, kGates, s.hidden);
@@ -118,6 +127,8 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                               c_state.data_ptr<acc_t>(),
                               save ? gates.data_ptr<acc_t>() : nullptr,
                               save ? cells.data_ptr<acc_t>() : nullptr,
+                              zoneout_keep<acc_t>(zoneout),
+                              zoneout_keep<acc_t>(zoneout_cell),
                               s.hidden,
                               s.state,
                               Step{}};
@@ -137,9 +148,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
                                                                      const Tensor& w_ih_, const Tensor& w_hh_,
                                                                      const OptTensor& b_ih_, const OptTensor& b_hh_,
                                                                      const OptTensor& w_hr_, bool reverse, bool save,
+                                                                     const OptTensor& zoneout,
+                                                                     const OptTensor& zoneout_cell,
                                                                      int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
+  check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
@@ -167,7 +181,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_lstm_forward_cuda", [&] {
-    lstm_forward_loop<scalar_t>(schedule, s, x_proj, bias, h0, w_hh, w_hr, output2d, hy, c_state, gates, cells, save);
+    lstm_forward_loop<scalar_t>(schedule, s, x_proj, bias, h0, w_hh, w_hr, output2d, hy, c_state, gates, cells, save,
+                                zoneout, zoneout_cell);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -185,13 +200,15 @@ struct LstmBackwardStep {
   int64_t later_rows;           // rows of this step that fed that later step (0: none, or with projection)
   const scalar_t* grad_h;       // gradient reaching h_t other than through W_hh: row b at + b * grad_h_stride
   int64_t grad_h_stride;
-  acc_t* carry;                // [B, H] or null: grad_hy, for rows whose last step this is; read once, zeroed
+  acc_t* carry;                // [B, H] or null: grad_hy, for rows whose last step this is; then zero, or with
+                               // zoneout the kept part k_h dh_t that reaches h_{t-1} directly
   const acc_t* gates;          // [N, 4H] saved activations
   const acc_t* cells;          // [N, H] saved c_t
   const acc_t* c0;             // [B, H]
   acc_t* dc_state;             // [B, H]: gradient reaching c_t in, c_{t-1} out
   scalar_t* d_gates;           // [N, 4H]: pre-activation gradients out
   scalar_t* pre_proj;          // [N, H]: recomputed h_t before the projection (for dW_hr), or null
+  ZoneoutKeep<acc_t> keep_h, keep_c;  // zoneout (cells.h), without a projection only
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -213,17 +230,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_backward_step(
   for_each_thread_row<RPT>(p.step.rows, [&](int i, int64_t b) {
     const int64_t row = p.step.offset + b;
     acc_t dh = acc[0][i] + static_cast<acc_t>(p.grad_h[b * p.grad_h_stride + j]);
-    if (p.carry) {
-      dh += p.carry[b * H + j];
-      p.carry[b * H + j] = acc_t(0);
-    }
+    if (p.carry) dh += p.carry[b * H + j];
     const acc_t* g = p.gates + row * G + j;
     const LstmGates<acc_t> a{g[0], g[H], g[2 * H], g[3 * H]};
-    const acc_t c = p.cells[row * H + j];
+    acc_t c = p.cells[row * H + j];
     // c_{t-1}: the previous step's saved cell state, or c0 for a row's first step.
     const acc_t c_prev = b < p.step.prev_rows ? p.cells[(p.step.prev_offset + b) * H + j] : p.c0[b * H + j];
+    acc_t dc = p.dc_state[b * H + j], dc_kept = acc_t(0);
+    if (p.keep_h.data || p.keep_c.data) {
+      // The kept parts pass straight to step t-1 (h's through the carry); the rest goes through the cell's
+      // own derivative at c~ = f c_{t-1} + i g, recomputed since c_t is saved zoned out (as on the CPU).
+      const acc_t k_h = p.keep_h.at(row, j), k_c = p.keep_c.at(row, j);
+      p.carry[b * H + j] = k_h * dh;
+      dh *= acc_t(1) - k_h;
+      dc_kept = k_c * dc;
+      dc *= acc_t(1) - k_c;
+      c = lstm_cell_state(a, c_prev);
+    } else if (p.carry) {
+      p.carry[b * H + j] = acc_t(0);
+    }
     LstmGateGrads<acc_t> d;
-    p.dc_state[b * H + j] = lstm_backward(a, c, c_prev, dh, p.dc_state[b * H + j], d);
+    p.dc_state[b * H + j] = lstm_backward(a, c, c_prev, dh, dc, d) + dc_kept;
     scalar_t* dg = p.d_gates + row * G + j;
     dg[0] = static_cast<scalar_t>(d.i);
     dg[H] = static_cast<scalar_t>(d.f);
@@ -244,7 +271,7 @@ template <typename scalar_t>
 Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                           const Tensor& grad_hy, const Tensor& gates, const Tensor& cells, const Tensor& c0,
                           const Tensor& w_hh, const OptTensor& w_hr, Tensor& dc_state, Tensor& d_gates, Tensor& d_proj,
-                          Tensor& pre_proj) {
+                          Tensor& pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = s.hidden, G = kGates * H;
   const bool proj = w_hr.has_value();
@@ -255,6 +282,8 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
   p.c0 = c0.const_data_ptr<acc_t>();
   p.dc_state = dc_state.data_ptr<acc_t>();
   p.d_gates = d_gates.data_ptr<scalar_t>();
+  p.keep_h = zoneout_keep<acc_t>(zoneout);
+  p.keep_c = zoneout_keep<acc_t>(zoneout_cell);
   p.hidden = H;
 
   if (proj) {
@@ -294,7 +323,8 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
     p.step = step;
     launch_step(step.rows, H, lstm_backward_step_instance<scalar_t>, p);
   }
-  // h0 reaches each row's first step through W_hh only (the kernels zeroed the carry of every active row).
+  // h0 reaches each row's first step through W_hh (the kernels zeroed the carry of every active row), and
+  // directly with zoneout (the carry holds k_h dh of that step).
   add_initial_state_grad(carry, d_gates, w_hh, schedule);
   return carry;
 }
@@ -303,10 +333,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& grad_cy_, const Tensor& input_,
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
   constexpr const char* op = "gatedrnn::lstm_backward";
   const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
                                                 w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
+  check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
@@ -326,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor grad_h0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_lstm_backward_cuda", [&] {
     grad_h0 = lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, grad_hy, gates, cells, cx, w_hh, w_hr, dc_state,
-                                           d_gates, d_proj, pre_proj);
+                                           d_gates, d_proj, pre_proj, zoneout, zoneout_cell);
   });
 
   const auto x2d = input.view({s.rows, s.input_size});
