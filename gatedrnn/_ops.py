@@ -36,7 +36,7 @@ def _rows(input):
 # ----------------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gatedrnn::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
-                       save_for_backward, lengths=None, zoneout=None, zoneout_cell=None):
+                       save_for_backward, lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None):
     hidden = weight_ih.shape[0] // 4
     state = hx.shape[-1]
     saved_dtype = _compute_dtype(input.dtype)
@@ -58,7 +58,8 @@ def _grad_or_empty(wanted, like):
 
 @torch.library.register_fake("gatedrnn::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
-                        output, gates, cells, reverse, output_mask, lengths=None, zoneout=None, zoneout_cell=None):
+                        output, gates, cells, reverse, output_mask, lengths=None, zoneout=None, zoneout_cell=None,
+                        weight_hh_mask=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 4
     grad_bias = input.new_empty((4 * hidden,) if want_bias else (0,))
@@ -70,7 +71,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, c
 
 @torch.library.register_fake("gatedrnn::gru_forward")
 def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward,
-                      lengths=None, zoneout=None):
+                      lengths=None, zoneout=None, weight_hh_mask=None):
     hidden = weight_ih.shape[0] // 3
     saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
@@ -79,7 +80,7 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
-                       output_mask, lengths=None, zoneout=None):
+                       output_mask, lengths=None, zoneout=None, weight_hh_mask=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if want_bias else (0,)
@@ -121,7 +122,7 @@ def _lstm_setup_context(ctx, inputs, output):
     # over N x 5H for nothing.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates,
-                          cells, *options)  # lengths, zoneout, zoneout_cell
+                          cells, *options)  # lengths, zoneout, zoneout_cell, weight_hh_mask
 
 
 def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
@@ -130,25 +131,25 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates, cells, *options = \
         ctx.saved_tensors
-    lengths, zoneout, zoneout_cell = (options + [None] * 3)[:3]
+    lengths, zoneout, zoneout_cell, weight_hh_mask = (options + [None] * 4)[:4]
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import lstm_layer
         return _differentiable_backward(
             lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
-            dict(lengths=lengths, zoneout=zoneout, zoneout_cell=zoneout_cell), (grad_output, grad_hy, grad_cy),
-            extra_inputs=5)
+            dict(lengths=lengths, zoneout=zoneout, zoneout_cell=zoneout_cell, weight_hh_mask=weight_hh_mask),
+            (grad_output, grad_hy, grad_cy), extra_inputs=6)
     # An absent bias or projection never needs a gradient, so the mask also says which are present.
     needs = ctx.needs_input_grad
     want_input, want_weights, want_bias = needs[0], needs[4] or needs[5] or needs[8], needs[6] or needs[7]
     grads = _ops.lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
         batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
-        [want_input, want_weights, want_bias], lengths, zoneout, zoneout_cell)
+        [want_input, want_weights, want_bias], lengths, zoneout, zoneout_cell, weight_hh_mask)
     d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
     # Both biases enter the gates as a sum, so they get the same gradient.
     return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
-            d_w_hr if needs[8] else None, None, None, None, None, None)
+            d_w_hr if needs[8] else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -162,7 +163,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # see _lstm_setup_context
     ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved,
-                          *options)  # lengths, zoneout
+                          *options)  # lengths, zoneout, weight_hh_mask
 
 
 def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
@@ -170,21 +171,22 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, *options = ctx.saved_tensors
-    lengths, zoneout = (options + [None] * 2)[:2]
+    lengths, zoneout, weight_hh_mask = (options + [None] * 3)[:3]
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import gru_layer
         return _differentiable_backward(
             lambda *args, **options: gru_layer(*args[:-1], None, args[-1], **options),
             [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse,
-            dict(lengths=lengths, zoneout=zoneout), (grad_output, grad_hy), extra_inputs=4)
+            dict(lengths=lengths, zoneout=zoneout, weight_hh_mask=weight_hh_mask), (grad_output, grad_hy),
+            extra_inputs=5)
     needs = ctx.needs_input_grad  # an absent bias never needs a gradient
     want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
-        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], lengths, zoneout)
+        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], lengths, zoneout, weight_hh_mask)
     return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
@@ -276,33 +278,54 @@ def zoneout_keep(p, training, input, size):
     return torch.full((1, 1), p, dtype=dtype, device=input.device).expand(_rows(input), size)
 
 
+def weight_dropout_mask(p, training, weight_hh):
+    """A DropConnect mask for one layer and direction's W_hh and one call (AWD-LSTM's weight dropout), or None
+    outside training or when p is 0: each weight kept with probability 1 - p and scaled by 1 / (1 - p), as
+    torch.nn.functional.dropout does, from torch's generator."""
+    if not p or not training:
+        return None
+    if p == 1:
+        return torch.zeros_like(weight_hh, requires_grad=False)
+    return torch.rand_like(weight_hh, requires_grad=False).ge_(p).div_(1 - p)
+
+
 def _keep_for(keep, dtype):
     # Keep values are in the op-math dtype of the dtype the op runs in (autocast may change it).
     return None if keep is None else keep.to(_compute_dtype(dtype))
 
 
+def _mask_for(mask, dtype):
+    # A weight dropout mask is in the dtype the weights run in (autocast casts them with the input).
+    return None if mask is None else mask.to(dtype)
+
+
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths=None,
-               zoneout=None, zoneout_cell=None):
+               zoneout=None, zoneout_cell=None, weight_hh_mask=None):
     """One LSTM layer and direction. Returns (output, hy, cy). zoneout, zoneout_cell: keep values
-    (zoneout_keep) or None."""
+    (zoneout_keep) or None; weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None."""
     _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
-                   bias_hh=bias_hh, weight_hr=weight_hr, zoneout=zoneout, zoneout_cell=zoneout_cell)
+                   bias_hh=bias_hh, weight_hr=weight_hr, zoneout=zoneout, zoneout_cell=zoneout_cell,
+                   weight_hh_mask=weight_hh_mask)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
     dtype = _autocast_dtype(input, always=True)
     runs_in = dtype or input.dtype
     output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors, dtype, reverse, save, lengths,
-                                                  _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in))
+                                                  _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in),
+                                                  _mask_for(weight_hh_mask, runs_in))
     return output, hy, cy
 
 
-def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None):
-    """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None."""
+def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None,
+              weight_hh_mask=None):
+    """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None;
+    weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None."""
     _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                   zoneout=zoneout)
+                   zoneout=zoneout, weight_hh_mask=weight_hh_mask)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
     dtype = _autocast_dtype(input, always=False)
     output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, dtype, reverse, save, lengths,
-                                           _keep_for(zoneout, dtype or input.dtype))
+                                           _keep_for(zoneout, dtype or input.dtype),
+                                           _mask_for(weight_hh_mask, dtype or input.dtype))
     return output, hy

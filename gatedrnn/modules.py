@@ -87,11 +87,16 @@ class _RNNBase(nn.Module):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None, zoneout=0.0,
-                 zoneout_cell=0.0):
+                 zoneout_cell=0.0, weight_dropout=0.0):
         super().__init__()
         self.forget_bias = _check_forget_bias(forget_bias, bias)
         self.zoneout = _check_zoneout("zoneout", zoneout)
         self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
+        if not isinstance(weight_dropout, numbers.Number) or isinstance(weight_dropout, bool) or \
+                not 0 <= weight_dropout <= 1:
+            raise ValueError("weight_dropout should be a number in range [0, 1] representing the probability of a "
+                             f"recurrent weight being zeroed, got {weight_dropout!r}")
+        self.weight_dropout = float(weight_dropout)
         if proj_size > 0 and (self.zoneout or self.zoneout_cell):
             raise ValueError("zoneout with proj_size is not supported: the fused kernels apply zoneout to the "
                              "state the recurrence reads, which a projection changes")
@@ -194,6 +199,8 @@ class _RNNBase(nn.Module):
             s += ", zoneout={zoneout}"
         if self.zoneout_cell:
             s += ", zoneout_cell={zoneout_cell}"
+        if self.weight_dropout:
+            s += ", weight_dropout={weight_dropout}"
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------- torch.nn's checks
@@ -254,7 +261,8 @@ class _RNNBase(nn.Module):
         if batch_sizes is None and self.batch_first:
             input = input.transpose(0, 1)
         kwargs = dict(bias=self.bias, num_layers=self.num_layers, bidirectional=self.bidirectional,
-                      dropout=self.dropout, training=self.training, lengths=lengths)
+                      dropout=self.dropout, training=self.training, lengths=lengths,
+                      weight_dropout=self.weight_dropout)
         if self.mode == "LSTM":
             output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
                                              proj=self.proj_size > 0, zoneout=self.zoneout,

@@ -101,9 +101,12 @@ def _present(*tensors):
 
 
 def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-               zoneout_cell=None):
+               zoneout_cell=None, weight_hh_mask=None):
     """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy). zoneout, zoneout_cell: keep
-    values [rows, H] (see _zoneout), or None."""
+    values [rows, H] (see _zoneout), or None; weight_hh_mask: weight dropout's mask, multiplying W_hh for the
+    whole call, or None."""
+    if weight_hh_mask is not None:
+        w_hh = w_hh * weight_hh_mask
 
     def step(x, extras, h, c):
         keeps = iter(extras)
@@ -116,9 +119,12 @@ def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
     return output, hy, cy
 
 
-def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None):
+def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
+              weight_hh_mask=None):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
+    if weight_hh_mask is not None:
+        w_hh = w_hh * weight_hh_mask
 
     def step(x, extras, h):
         return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None)
@@ -127,12 +133,13 @@ def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, len
     return output, hy
 
 
-def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None)):
-    return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1])
+def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None), weight_hh_mask=None):
+    return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1],
+                      weight_hh_mask=weight_hh_mask)
 
 
-def _gru_layer(*args, reverse, lengths=None, zoneout=(None,)):
-    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0])
+def _gru_layer(*args, reverse, lengths=None, zoneout=(None,), weight_hh_mask=None):
+    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], weight_hh_mask=weight_hh_mask)
 
 
 lstm = lstm_over(_lstm_layer)  # reference for gatedrnn.functional.lstm

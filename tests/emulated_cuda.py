@@ -98,21 +98,20 @@ def make_args(mode, batch, hidden, packed, bias, proj, dtype, seed=0):
     return [x, batch_sizes, h0, randn(batch, hidden), w_ih, w_hh, b_ih, b_hh, w_hr]
 
 
-def run_forward_backward(ops, mode, args, reverse, mask=(True, True, True), seed=1, lengths=None, zoneout=()):
-    """Forward outputs and backward gradients of one op library (dense args may come with lengths; zoneout:
-    keep tensors, h's then, for the LSTM, c's)."""
+def run_forward_backward(ops, mode, args, reverse, mask=(True, True, True), seed=1, **options):
+    """Forward outputs and backward gradients of one op library. options: the ops' optional arguments by name
+    (lengths, zoneout, zoneout_cell, weight_hh_mask), the same for the forward and the backward."""
     if mode == "LSTM":
         x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
-        out, hy, cy, gates, cells = ops.lstm_forward(*args, reverse, True, lengths, *zoneout)
+        out, hy, cy, gates, cells = ops.lstm_forward(*args, reverse, True, **options)
         g = torch.Generator().manual_seed(seed)
         grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy, cy)]
         backward = ops.lstm_backward(*grads, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, reverse,
-                                     list(mask), lengths, *zoneout)
+                                     list(mask), **options)
         return [out, hy, cy, gates, cells], list(backward)
     x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = args
-    out, hy, saved = ops.gru_forward(*args, reverse, True, lengths, *zoneout)
+    out, hy, saved = ops.gru_forward(*args, reverse, True, **options)
     g = torch.Generator().manual_seed(seed)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out, hy)]
-    backward = ops.gru_backward(*grads, x, batch_sizes, h0, w_ih, w_hh, out, saved, reverse, list(mask), lengths,
-                                *zoneout)
+    backward = ops.gru_backward(*grads, x, batch_sizes, h0, w_ih, w_hh, out, saved, reverse, list(mask), **options)
     return [out, hy, saved], list(backward)

@@ -16,7 +16,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
-#include "../padded.h"
+#include "../op_entry.h"
 #include "../sequence.h"
 #include "loops.h"
 #include "matmul.h"

@@ -18,7 +18,7 @@
 #include "../cells.h"
 #include "../checks.h"
 #include "../layer_grads.h"
-#include "../padded.h"
+#include "../op_entry.h"
 #include "../sequence.h"
 #include "launch.h"
 #include "platform.h"
