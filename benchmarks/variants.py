@@ -1,4 +1,4 @@
-"""The variant cases (layers beyond torch.nn: zoneout, ...): what gatedrnn is compared with there.
+"""The variant cases (layers beyond torch.nn: zoneout, recurrent dropout): what gatedrnn is compared with there.
 
 torch.nn has no such layers, so the oracle to beat is what users write today: a per-step Python loop over the
 torch.nn cell with the variant written out around it. Each variant case times three implementations: gatedrnn
@@ -7,6 +7,7 @@ The loop makes the same random draws as gatedrnn (same generator, same order), s
 when both start from the same seed.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOOP = "torch.nn loop"
@@ -14,8 +15,11 @@ PLAIN = "gatedrnn plain"
 
 # variant name -> (constructor arguments for gatedrnn, probabilities drawn per state: h, then c for an LSTM)
 ZONEOUT_P = 0.1
+RECURRENT_DROPOUT_P = 0.25
 VARIANTS = {
     "zoneout": {"LSTM": dict(zoneout=ZONEOUT_P, zoneout_cell=ZONEOUT_P), "GRU": dict(zoneout=ZONEOUT_P)},
+    "recurrent_dropout": {"LSTM": dict(recurrent_dropout=RECURRENT_DROPOUT_P),
+                          "GRU": dict(recurrent_dropout=RECURRENT_DROPOUT_P)},
 }
 
 
@@ -42,7 +46,27 @@ class CellLoop(nn.Module):
         return [torch.rand(T * B, self.case.H, dtype=like.dtype, device=like.device).lt_(p).view(T, B, self.case.H)
                 for p in ps]
 
+    def _recurrent_mask(self, B, like):
+        """The recurrent dropout mask as gatedrnn draws it: one per sequence and unit, kept with probability
+        1 - p and scaled by 1 / (1 - p)."""
+        p = RECURRENT_DROPOUT_P
+        if not self.training:
+            return torch.ones(B, self.case.H, dtype=like.dtype, device=like.device)
+        return torch.rand(B, self.case.H, dtype=like.dtype, device=like.device).ge_(p).div_(1 - p)
+
+    def _gru_step(self, x, h, mask):
+        """A GRU step whose recurrent product reads h * mask while z * h keeps h (Keras' recurrent_dropout):
+        torch.nn.GRUCell cannot express it, so it is written out with its parameters."""
+        cell = self.cell
+        i_r, i_z, i_n = F.linear(x, cell.weight_ih, cell.bias_ih).chunk(3, 1)
+        h_r, h_z, h_n = F.linear(h * mask, cell.weight_hh, cell.bias_hh).chunk(3, 1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
     def forward(self, x):
+        if self.case.variant == "recurrent_dropout":
+            return self._forward_recurrent_dropout(x)
         T, B = x.shape[:2]
         h = x.new_zeros(B, self.case.H)
         c = x.new_zeros(B, self.case.H)
@@ -55,6 +79,21 @@ class CellLoop(nn.Module):
                 c = keeps[1][t] * c + (1 - keeps[1][t]) * c_new
             else:
                 h = keeps[0][t] * h + (1 - keeps[0][t]) * self.cell(x[t], h)
+            outputs.append(h)
+        state = (h.unsqueeze(0), c.unsqueeze(0)) if self.case.mode == "LSTM" else h.unsqueeze(0)
+        return torch.stack(outputs), state
+
+    def _forward_recurrent_dropout(self, x):
+        T, B = x.shape[:2]
+        h = x.new_zeros(B, self.case.H)
+        c = x.new_zeros(B, self.case.H)
+        mask = self._recurrent_mask(B, x)
+        outputs = []
+        for t in range(T):
+            if self.case.mode == "LSTM":  # h enters an LSTM cell only through W_hh
+                h, c = self.cell(x[t], (h * mask, c))
+            else:
+                h = self._gru_step(x[t], h, mask)
             outputs.append(h)
         state = (h.unsqueeze(0), c.unsqueeze(0)) if self.case.mode == "LSTM" else h.unsqueeze(0)
         return torch.stack(outputs), state

@@ -154,6 +154,29 @@ inline void check_lstm_zoneout(const char* op, const at::Tensor& input, const La
   check_zoneout(op, input, zoneout_cell, s.rows, s.hidden, "zoneout_cell");
 }
 
+// A per-sequence dropout mask (recurrent_mask [B, state], input_mask [B, input_size]): values 0 or 1 / (1 - p),
+// in the op-math dtype (recurrent) or the input's (input), on the input's device.
+inline void check_sequence_mask(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& mask,
+                                at::ScalarType dtype, int64_t batch, int64_t columns, const char* name) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK(mask->scalar_type() == dtype && mask->device() == input.device(), op, ": expected ", name, " to be a ",
+              dtype, " tensor on ", input.device(), ", but got a ", mask->scalar_type(), " tensor on ",
+              mask->device());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == columns, op, ": expected ", name,
+              " of size [", batch, ", ", columns, "] (one value per sequence and unit), but got ", mask->sizes());
+}
+
+inline void check_recurrent_mask(const char* op, const at::Tensor& input, const LayerShape& s,
+                                 const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(!w_hr.has_value() || !mask.has_value(), op,
+              ": recurrent dropout with a projection (proj_size) is not supported");
+  check_sequence_mask(op, input, mask, at::toOpMathType(input.scalar_type()), s.batch, s.state, "recurrent_mask");
+}
+
+inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : t;
+}
+
 inline LayerShape check_lstm_forward_args(const char* op, const at::Tensor& input,
                                           const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
                                           const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,

@@ -136,6 +136,12 @@ inline at::Tensor padded_grad(const PackedPlan& p, const at::Tensor& packed) {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// An optional per-sequence tensor (a recurrent dropout mask [B, C]) in the packed batch order.
+inline std::optional<at::Tensor> packed_order(const char* op, const PackedPlan& p,
+                                              const std::optional<at::Tensor>& state) {
+  return state.has_value() ? std::optional<at::Tensor>(to_packed_order(op, p, *state, "recurrent_mask")) : state;
+}
+
 // Optional per-row tensors (zoneout keep values [T * B, H]) in the packed row order.
 inline OptTensor gather_packed(const PackedPlan& p, const OptTensor& padded) {
   return padded.has_value() ? OptTensor(gather_packed(p, *padded)) : padded;

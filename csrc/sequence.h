@@ -5,10 +5,11 @@
 // touches only its first batch_sizes[t] rows (batch_sizes shrink with t, as PyTorch packs them).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace gatedrnn {
@@ -50,6 +51,33 @@ inline std::vector<Step> make_schedule(const std::optional<at::Tensor>& batch_si
     steps.push_back(s);
   }
   return steps;
+}
+
+// rows2d [N, C] (dense input's T * B rows, or a packed sequence's rows) times the values of each row's sequence,
+// per_sequence [B, C]: a per-sequence mask (recurrent and input dropout) applied at every step.
+inline at::Tensor times_sequence_rows(const at::Tensor& rows2d, const at::Tensor& per_sequence,
+                                      const std::optional<at::Tensor>& batch_sizes) {
+  const int64_t B = per_sequence.size(0), C = per_sequence.size(1);
+  if (B == 0 || rows2d.size(0) == 0) return rows2d.clone();
+  if (!batch_sizes.has_value()) return (rows2d.reshape({-1, B, C}) * per_sequence).reshape({-1, C});
+  auto result = at::empty_like(rows2d);
+  const auto sizes = batch_sizes->contiguous();
+  const int64_t* n = sizes.const_data_ptr<int64_t>();
+  for (int64_t t = 0, offset = 0; t < sizes.size(0); offset += n[t], ++t) {
+    auto rows = result.narrow(0, offset, n[t]);
+    at::mul_out(rows, rows2d.narrow(0, offset, n[t]), per_sequence.narrow(0, 0, n[t]));
+  }
+  return result;
+}
+
+// The states every step's recurrent product read: h_{t-1} of each row and h0, times the recurrent dropout
+// mask when there is one (for dW_hh).
+inline std::pair<at::Tensor, at::Tensor> states_as_read(const at::Tensor& output2d, const at::Tensor& h0,
+                                                        const std::optional<at::Tensor>& recurrent_mask,
+                                                        const std::optional<at::Tensor>& batch_sizes) {
+  if (!recurrent_mask.has_value()) return {output2d, h0};
+  const auto mask = recurrent_mask->to(output2d.scalar_type());
+  return {times_sequence_rows(output2d, mask, batch_sizes), h0 * mask};
 }
 
 }  // namespace gatedrnn

@@ -40,10 +40,6 @@ def _check_supported(layer, config, kind):
         if config.get(name) != expected:
             raise ValueError(f"gatedrnn.from_keras: {kind} with {name}={config.get(name)!r} is not supported "
                              f"(gatedrnn's cells use {expected})")
-    for name in ("dropout", "recurrent_dropout"):
-        if config.get(name, 0.0):
-            raise ValueError(f"gatedrnn.from_keras: {kind} with {name}={config[name]} is not supported yet: "
-                             "gatedrnn has no matching argument, and dropping it would change training")
     if kind == "GRU" and not config.get("reset_after", True):
         raise ValueError("gatedrnn.from_keras: GRU with reset_after=False (the reset gate applied before the "
                          "recurrent product) is not supported yet; gatedrnn's GRU is torch.nn's, which is Keras' "
@@ -85,8 +81,11 @@ def from_keras(layer):
     ``Bidirectional`` layer (merge_mode="concat"): batch-first, so that it takes Keras' input layout, and
     returning torch.nn's ``(output, h_n)`` / ``(output, (h_n, c_n))``, where output is the whole sequence
     (Keras' return_sequences=True) and h_n, c_n are Keras' final states. A layer with ``go_backwards=True`` comes
-    back wrapped in :class:`gatedrnn.GoBackwards`. An LSTM with ``unit_forget_bias`` gets ``forget_bias=1.0``.
-    Activations other than tanh/sigmoid, dropout, reset_after=False and stateful layers are refused by name."""
+    back wrapped in :class:`gatedrnn.GoBackwards`. An LSTM with ``unit_forget_bias`` gets ``forget_bias=1.0``;
+    Keras' ``dropout`` and ``recurrent_dropout`` become ``input_dropout`` and ``recurrent_dropout``, with one
+    difference in training: Keras draws a mask per gate, gatedrnn one shared by the gates (Gal & Ghahramani's
+    tied variant; the fused product reads h once). Activations other than tanh/sigmoid, reset_after=False and
+    stateful layers are refused by name."""
     from . import modules
 
     name = type(layer).__name__
@@ -113,6 +112,8 @@ def from_keras(layer):
     kwargs = dict(bias=config["use_bias"], batch_first=True, bidirectional=bidirectional, dtype=dtype)
     if kind == "LSTM" and config["use_bias"] and config.get("unit_forget_bias"):
         kwargs["forget_bias"] = 1.0
+    # Keras' dropout is on the input, held over the steps (variational), like gatedrnn's input_dropout.
+    kwargs.update(input_dropout=config.get("dropout", 0.0), recurrent_dropout=config.get("recurrent_dropout", 0.0))
     module = getattr(modules, kind)(kernel.shape[0], config["units"], **kwargs)
     with torch.no_grad():
         for suffix, d in zip(("", "_reverse"), directions):

@@ -36,7 +36,8 @@ def _rows(input):
 # ----------------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gatedrnn::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
-                       save_for_backward, lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None):
+                       save_for_backward, lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None,
+                       recurrent_mask=None, input_mask=None):
     hidden = weight_ih.shape[0] // 4
     state = hx.shape[-1]
     saved_dtype = _compute_dtype(input.dtype)
@@ -59,7 +60,7 @@ def _grad_or_empty(wanted, like):
 @torch.library.register_fake("gatedrnn::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
                         output, gates, cells, reverse, output_mask, lengths=None, zoneout=None, zoneout_cell=None,
-                        weight_hh_mask=None):
+                        weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 4
     grad_bias = input.new_empty((4 * hidden,) if want_bias else (0,))
@@ -71,7 +72,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, c
 
 @torch.library.register_fake("gatedrnn::gru_forward")
 def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward,
-                      lengths=None, zoneout=None, weight_hh_mask=None):
+                      lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     hidden = weight_ih.shape[0] // 3
     saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
@@ -80,7 +81,8 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
-                       output_mask, lengths=None, zoneout=None, weight_hh_mask=None):
+                       output_mask, lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None,
+                       input_mask=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if want_bias else (0,)
@@ -112,6 +114,12 @@ def _differentiable_backward(reference_layer, inputs, reverse, options, grad_out
     return tuple(result)
 
 
+# The ops' optional tensor arguments after save_for_backward, in schema order (csrc/schemas.h): what the
+# backward op and the differentiable backward get again.
+_LSTM_OPTIONS = ("lengths", "zoneout", "zoneout_cell", "weight_hh_mask", "recurrent_mask", "input_mask")
+_GRU_OPTIONS = ("lengths", "zoneout", "weight_hh_mask", "recurrent_mask", "input_mask")
+
+
 def _lstm_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save, *options = inputs
     out, _, _, gates, cells = output
@@ -122,7 +130,7 @@ def _lstm_setup_context(ctx, inputs, output):
     # over N x 5H for nothing.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates,
-                          cells, *options)  # lengths, zoneout, zoneout_cell, weight_hh_mask
+                          cells, *options)  # see _LSTM_OPTIONS
 
 
 def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
@@ -131,25 +139,24 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, out, gates, cells, *options = \
         ctx.saved_tensors
-    lengths, zoneout, zoneout_cell, weight_hh_mask = (options + [None] * 4)[:4]
+    options = dict(zip(_LSTM_OPTIONS, options))
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import lstm_layer
         return _differentiable_backward(
             lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
-            dict(lengths=lengths, zoneout=zoneout, zoneout_cell=zoneout_cell, weight_hh_mask=weight_hh_mask),
-            (grad_output, grad_hy, grad_cy), extra_inputs=6)
+            options, (grad_output, grad_hy, grad_cy), extra_inputs=2 + len(_LSTM_OPTIONS))
     # An absent bias or projection never needs a gradient, so the mask also says which are present.
     needs = ctx.needs_input_grad
     want_input, want_weights, want_bias = needs[0], needs[4] or needs[5] or needs[8], needs[6] or needs[7]
     grads = _ops.lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
         batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
-        [want_input, want_weights, want_bias], lengths, zoneout, zoneout_cell, weight_hh_mask)
+        [want_input, want_weights, want_bias], **options)
     d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
     # Both biases enter the gates as a sum, so they get the same gradient.
     return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
-            d_w_hr if needs[8] else None, None, None, None, None, None, None)
+            d_w_hr if needs[8] else None, None, None, *[None] * len(_LSTM_OPTIONS))
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -163,7 +170,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # see _lstm_setup_context
     ctx.save_for_backward(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved,
-                          *options)  # lengths, zoneout, weight_hh_mask
+                          *options)  # see _GRU_OPTIONS
 
 
 def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
@@ -171,22 +178,21 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, *options = ctx.saved_tensors
-    lengths, zoneout, weight_hh_mask = (options + [None] * 3)[:3]
+    options = dict(zip(_GRU_OPTIONS, options))
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import gru_layer
         return _differentiable_backward(
             lambda *args, **options: gru_layer(*args[:-1], None, args[-1], **options),
             [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse,
-            dict(lengths=lengths, zoneout=zoneout, weight_hh_mask=weight_hh_mask), (grad_output, grad_hy),
-            extra_inputs=5)
+            options, (grad_output, grad_hy), extra_inputs=2 + len(_GRU_OPTIONS))
     needs = ctx.needs_input_grad  # an absent bias never needs a gradient
     want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
-        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], lengths, zoneout, weight_hh_mask)
+        weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], **options)
     return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
-            None, None, None, None)
+            None, *[None] * len(_GRU_OPTIONS))
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
@@ -289,6 +295,17 @@ def weight_dropout_mask(p, training, weight_hh):
     return torch.rand_like(weight_hh, requires_grad=False).ge_(p).div_(1 - p)
 
 
+def sequence_dropout_mask(p, training, batch, size, dtype, device):
+    """A variational dropout mask [batch, size] (Keras' dropout and recurrent_dropout, Gal & Ghahramani 2016):
+    one draw per sequence and unit, held over all steps, each kept with probability 1 - p and scaled by
+    1 / (1 - p); None outside training or when p is 0."""
+    if not p or not training:
+        return None
+    if p == 1:
+        return torch.zeros(batch, size, dtype=dtype, device=device)
+    return torch.rand(batch, size, dtype=dtype, device=device).ge_(p).div_(1 - p)
+
+
 def _keep_for(keep, dtype):
     # Keep values are in the op-math dtype of the dtype the op runs in (autocast may change it).
     return None if keep is None else keep.to(_compute_dtype(dtype))
@@ -300,32 +317,38 @@ def _mask_for(mask, dtype):
 
 
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths=None,
-               zoneout=None, zoneout_cell=None, weight_hh_mask=None):
+               zoneout=None, zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     """One LSTM layer and direction. Returns (output, hy, cy). zoneout, zoneout_cell: keep values
-    (zoneout_keep) or None; weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None."""
+    (zoneout_keep) or None; weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None;
+    recurrent_mask, input_mask: variational dropout masks (sequence_dropout_mask) or None."""
     _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                    bias_hh=bias_hh, weight_hr=weight_hr, zoneout=zoneout, zoneout_cell=zoneout_cell,
-                   weight_hh_mask=weight_hh_mask)
+                   weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask, input_mask=input_mask)
     save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
     dtype = _autocast_dtype(input, always=True)
     runs_in = dtype or input.dtype
     output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors, dtype, reverse, save, lengths,
                                                   _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in),
-                                                  _mask_for(weight_hh_mask, runs_in))
+                                                  _mask_for(weight_hh_mask, runs_in),
+                                                  _keep_for(recurrent_mask, runs_in), _mask_for(input_mask, runs_in))
     return output, hy, cy
 
 
 def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None;
-    weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None."""
+    weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None; recurrent_mask, input_mask: variational
+    dropout masks (sequence_dropout_mask) or None."""
     _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                   zoneout=zoneout, weight_hh_mask=weight_hh_mask)
+                   zoneout=zoneout, weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask,
+                   input_mask=input_mask)
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
     dtype = _autocast_dtype(input, always=False)
     output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, dtype, reverse, save, lengths,
                                            _keep_for(zoneout, dtype or input.dtype),
-                                           _mask_for(weight_hh_mask, dtype or input.dtype))
+                                           _mask_for(weight_hh_mask, dtype or input.dtype),
+                                           _keep_for(recurrent_mask, dtype or input.dtype),
+                                           _mask_for(input_mask, dtype or input.dtype))
     return output, hy

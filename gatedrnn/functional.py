@@ -27,15 +27,16 @@ def _layer_weights(weights, index, bias, proj):
 
 
 def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num_layers, bidirectional, dropout,
-               training, lengths=None, zoneout=(), weight_dropout=0.0):
+               training, lengths=None, zoneout=(), weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
     """Runs `layer_fn` over layers x directions.
 
     states: tuple of [num_layers * directions, B, *] initial states (hx,) or (hx, cx).
     layer_fn(input, batch_sizes, *states_of_one_layer, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, zoneout)
     returns (output, *final_states). zoneout: the zoneout probability of each state, in the order of `states`
     (0: none); each layer and direction gets its own keep values (_ops.zoneout_keep), and with weight_dropout
-    in training its own W_hh mask for this call (_ops.weight_dropout_mask). Returns (output, tuple of stacked
-    final states).
+    in training its own W_hh mask for this call (_ops.weight_dropout_mask) and its own per-sequence masks for
+    recurrent_dropout and input_dropout (_ops.sequence_dropout_mask), drawn in that order. Returns (output,
+    tuple of stacked final states).
     """
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
@@ -48,9 +49,10 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
             keep = [_ops.zoneout_keep(p, training, layer_input, s.shape[-1])
                     for p, s in zip(zoneout or (0.0,) * len(states), layer_states)]
             layer_weights = _layer_weights(weights, index, bias, proj)
-            mask = _ops.weight_dropout_mask(weight_dropout, training, layer_weights[1])
+            masks = dict(weight_hh_mask=_ops.weight_dropout_mask(weight_dropout, training, layer_weights[1]),
+                         **_sequence_masks(recurrent_dropout, input_dropout, training, layer_input, layer_states[0]))
             output, *final = layer_fn(layer_input, batch_sizes, *layer_states, *layer_weights,
-                                      reverse=direction == 1, lengths=lengths, zoneout=keep, weight_hh_mask=mask)
+                                      reverse=direction == 1, lengths=lengths, zoneout=keep, **masks)
             outputs.append(output)
             for collected, state in zip(finals, final):
                 collected.append(state)
@@ -60,15 +62,26 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
     return layer_input, tuple(torch.stack(f, dim=0) for f in finals)
 
 
+def _sequence_masks(recurrent_dropout, input_dropout, training, layer_input, h0):
+    batch, device = h0.shape[0], h0.device
+    return dict(
+        recurrent_mask=_ops.sequence_dropout_mask(recurrent_dropout, training, batch, h0.shape[-1],
+                                                  _ops._compute_dtype(layer_input.dtype), device),
+        input_mask=_ops.sequence_dropout_mask(input_dropout, training, batch, layer_input.shape[-1], layer_input.dtype,
+                                              device))
+
+
 def lstm_over(layer_fn):
     """A multi-layer LSTM built on `layer_fn` (one layer and direction -> (output, hy, cy))."""
 
     def lstm(input, batch_sizes, hx, cx, weights, *, bias=True, proj=False, num_layers=1, bidirectional=False,
-             dropout=0.0, training=False, lengths=None, zoneout=0.0, zoneout_cell=0.0, weight_dropout=0.0):
+             dropout=0.0, training=False, lengths=None, zoneout=0.0, zoneout_cell=0.0, weight_dropout=0.0,
+             recurrent_dropout=0.0, input_dropout=0.0):
         """Multi-layer LSTM over time-major input. Returns (output, (h_n, c_n)) as torch.nn.LSTM does."""
         return run_layers(layer_fn, input, batch_sizes, (hx, cx), weights, bias=bias, proj=proj,
                           num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training,
-                          lengths=lengths, zoneout=(zoneout, zoneout_cell), weight_dropout=weight_dropout)
+                          lengths=lengths, zoneout=(zoneout, zoneout_cell), weight_dropout=weight_dropout,
+                          recurrent_dropout=recurrent_dropout, input_dropout=input_dropout)
 
     return lstm
 
@@ -77,27 +90,26 @@ def gru_over(layer_fn):
     """A multi-layer GRU built on `layer_fn` (one layer and direction -> (output, hy))."""
 
     def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
-            training=False, lengths=None, zoneout=0.0, weight_dropout=0.0):
+            training=False, lengths=None, zoneout=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
         """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does."""
         output, (hy,) = run_layers(layer_fn, input, batch_sizes, (hx,), weights, bias=bias, proj=False,
                                    num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
                                    training=training, lengths=lengths, zoneout=(zoneout,),
-                                   weight_dropout=weight_dropout)
+                                   weight_dropout=weight_dropout, recurrent_dropout=recurrent_dropout,
+                                   input_dropout=input_dropout)
         return output, hy
 
     return gru
 
 
 def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None, None),
-                weight_hh_mask=None):
+                **masks):
     return _ops.lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, *zoneout,
-                           weight_hh_mask)
+                           **masks)
 
 
-def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None,),
-               weight_hh_mask=None):
-    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths, *zoneout,
-                          weight_hh_mask)
+def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None,), **masks):
+    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths, *zoneout, **masks)
 
 
 lstm = lstm_over(_lstm_layer)

@@ -69,6 +69,13 @@ def _check_zoneout(name, p):
     return float(p)
 
 
+def _check_probability(name, p, what):
+    if not isinstance(p, numbers.Number) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise ValueError(f"{name} should be a number in range [0, 1] representing the probability of {what} being "
+                         f"zeroed, got {p!r}")
+    return float(p)
+
+
 def _keep(p, training, input, size):
     """A cell's zoneout keep values for one step ([B, size]), or None."""
     return _ops.zoneout_keep(p, training, input.unsqueeze(0), size)
@@ -87,16 +94,18 @@ class _RNNBase(nn.Module):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None, zoneout=0.0,
-                 zoneout_cell=0.0, weight_dropout=0.0):
+                 zoneout_cell=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
         super().__init__()
         self.forget_bias = _check_forget_bias(forget_bias, bias)
         self.zoneout = _check_zoneout("zoneout", zoneout)
         self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
-        if not isinstance(weight_dropout, numbers.Number) or isinstance(weight_dropout, bool) or \
-                not 0 <= weight_dropout <= 1:
-            raise ValueError("weight_dropout should be a number in range [0, 1] representing the probability of a "
-                             f"recurrent weight being zeroed, got {weight_dropout!r}")
-        self.weight_dropout = float(weight_dropout)
+        self.weight_dropout = _check_probability("weight_dropout", weight_dropout, "a recurrent weight")
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                    "a unit of the recurrent state (per sequence)")
+        self.input_dropout = _check_probability("input_dropout", input_dropout, "an input feature (per sequence)")
+        if proj_size > 0 and self.recurrent_dropout:
+            raise ValueError("recurrent_dropout with proj_size is not supported: the fused kernels mask the state "
+                             "the recurrence reads, which a projection changes")
         if proj_size > 0 and (self.zoneout or self.zoneout_cell):
             raise ValueError("zoneout with proj_size is not supported: the fused kernels apply zoneout to the "
                              "state the recurrence reads, which a projection changes")
@@ -199,8 +208,9 @@ class _RNNBase(nn.Module):
             s += ", zoneout={zoneout}"
         if self.zoneout_cell:
             s += ", zoneout_cell={zoneout_cell}"
-        if self.weight_dropout:
-            s += ", weight_dropout={weight_dropout}"
+        for name in ("weight_dropout", "recurrent_dropout", "input_dropout"):
+            if getattr(self, name):
+                s += f", {name}={{{name}}}"
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------- torch.nn's checks
@@ -262,7 +272,8 @@ class _RNNBase(nn.Module):
             input = input.transpose(0, 1)
         kwargs = dict(bias=self.bias, num_layers=self.num_layers, bidirectional=self.bidirectional,
                       dropout=self.dropout, training=self.training, lengths=lengths,
-                      weight_dropout=self.weight_dropout)
+                      weight_dropout=self.weight_dropout, recurrent_dropout=self.recurrent_dropout,
+                      input_dropout=self.input_dropout)
         if self.mode == "LSTM":
             output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
                                              proj=self.proj_size > 0, zoneout=self.zoneout,

@@ -17,10 +17,11 @@ def _step_sizes(input, batch_sizes):
     return [input.shape[1]] * input.shape[0]
 
 
-def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None, extras=()):
-    """Applies step_fn(x_t, extras_t, *states_of_active_rows) -> (output_t, *new_states) over time.
+def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None, extras=(), per_sequence=()):
+    """Applies step_fn(x_t, extras_t, sequences_t, *states_of_active_rows) -> (output_t, *new_states) over time.
 
-    extras: tensors with one row per input row ([rows, C], e.g. zoneout keep values), sliced like the input.
+    extras: tensors with one row per input row ([rows, C], e.g. zoneout keep values), sliced like the input;
+    per_sequence: tensors with one row per sequence ([B, C], dropout masks), sliced like the states.
 
     Step t sees only its first batch_sizes[t] rows. Rows that have finished (forward) or not yet started
     (reverse) keep their state, which is how a packed sequence's final state is each sequence's own last one.
@@ -28,7 +29,7 @@ def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None, extra
     t < lengths[b]; elsewhere its state is kept and its output is zero.
     """
     if lengths is not None:
-        return _run_masked_steps(input, lengths, states, step_fn, reverse, extras)
+        return _run_masked_steps(input, lengths, states, step_fn, reverse, extras, per_sequence)
     sizes = _step_sizes(input, batch_sizes)
     data = input.reshape(-1, input.shape[-1])
     offsets = [0]
@@ -39,21 +40,22 @@ def _run_steps(input, batch_sizes, states, step_fn, reverse, lengths=None, extra
     for t in order:
         n = sizes[t]
         rows = slice(offsets[t], offsets[t] + n)
-        output, *new_states = step_fn(data[rows], [e[rows] for e in extras], *(s[:n] for s in states))
+        output, *new_states = step_fn(data[rows], [e[rows] for e in extras], [m[:n] for m in per_sequence],
+                                      *(s[:n] for s in states))
         states = [torch.cat([new, old[n:]]) for new, old in zip(new_states, states)]
         outputs[t] = output
     output = torch.cat(outputs)
     return output.reshape(*input.shape[:-1], output.shape[-1]), states
 
 
-def _run_masked_steps(input, lengths, states, step_fn, reverse, extras):
+def _run_masked_steps(input, lengths, states, step_fn, reverse, extras, per_sequence):
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
     outputs = [None] * input.shape[0]
     lengths = lengths.to(input.device)
     extras = [e.reshape(*input.shape[:2], -1) for e in extras]
     for t in steps:
         running = (lengths > t).unsqueeze(1)
-        output, *new_states = step_fn(input[t], [e[t] for e in extras], *states)
+        output, *new_states = step_fn(input[t], [e[t] for e in extras], per_sequence, *states)
         states = [torch.where(running, new, old) for new, old in zip(new_states, states)]
         outputs[t] = torch.where(running, output, torch.zeros_like(output))
     return torch.stack(outputs), states
@@ -65,10 +67,16 @@ def _zoneout(keep, previous, updated):
     return updated if keep is None else keep * previous + (1 - keep) * updated
 
 
-def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None, keep_c=None):
+def _times(t, mask):
+    return t if mask is None else t * mask
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None, keep_c=None, recurrent_mask=None,
+              input_mask=None):
     """One LSTM step: returns (output, h', c'); output == h' (projected when w_hr is given). With zoneout,
-    h' and c' both come from the cell's own update c~ = f * c + i * g."""
-    gates = x @ w_ih.t() + h @ w_hh.t()
+    h' and c' both come from the cell's own update c~ = f * c + i * g. The dropout masks multiply x and h
+    where they enter their products."""
+    gates = _times(x, input_mask) @ w_ih.t() + _times(h, recurrent_mask) @ w_hh.t()
     if b_ih is not None:
         gates = gates + b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=1)
@@ -80,10 +88,11 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None,
     return h_new, h_new, c_new
 
 
-def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None):
-    """One GRU step: returns (output, h'); output == h'."""
-    gi = x @ w_ih.t()
-    gh = h @ w_hh.t()
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None, recurrent_mask=None, input_mask=None):
+    """One GRU step: returns (output, h'); output == h'. The dropout masks multiply x and h where they enter
+    their products (h itself, in z * h, stays unmasked, as in Keras)."""
+    gi = _times(x, input_mask) @ w_ih.t()
+    gh = _times(h, recurrent_mask) @ w_hh.t()
     if b_ih is not None:
         gi = gi + b_ih
         gh = gh + b_hh
@@ -101,45 +110,50 @@ def _present(*tensors):
 
 
 def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-               zoneout_cell=None, weight_hh_mask=None):
+               zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy). zoneout, zoneout_cell: keep
     values [rows, H] (see _zoneout), or None; weight_hh_mask: weight dropout's mask, multiplying W_hh for the
-    whole call, or None."""
+    whole call, or None; recurrent_mask [B, R], input_mask [B, I]: variational dropout masks, or None."""
     if weight_hh_mask is not None:
         w_hh = w_hh * weight_hh_mask
 
-    def step(x, extras, h, c):
-        keeps = iter(extras)
+    def step(x, extras, sequences, h, c):
+        keeps, masks = iter(extras), iter(sequences)
         keep_h = next(keeps) if zoneout is not None else None
         keep_c = next(keeps) if zoneout_cell is not None else None
-        return lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_h, keep_c)
+        h_mask = next(masks) if recurrent_mask is not None else None
+        x_mask = next(masks) if input_mask is not None else None
+        return lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_h, keep_c, h_mask, x_mask)
 
     output, (hy, cy) = _run_steps(input, batch_sizes, (hx, cx), step, reverse, lengths,
-                                  _present(zoneout, zoneout_cell))
+                                  _present(zoneout, zoneout_cell), _present(recurrent_mask, input_mask))
     return output, hy, cy
 
 
 def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
     if weight_hh_mask is not None:
         w_hh = w_hh * weight_hh_mask
 
-    def step(x, extras, h):
-        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None)
+    def step(x, extras, sequences, h):
+        masks = iter(sequences)
+        h_mask = next(masks) if recurrent_mask is not None else None
+        x_mask = next(masks) if input_mask is not None else None
+        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None, h_mask, x_mask)
 
-    output, (hy,) = _run_steps(input, batch_sizes, (hx,), step, reverse, lengths, _present(zoneout))
+    output, (hy,) = _run_steps(input, batch_sizes, (hx,), step, reverse, lengths, _present(zoneout),
+                               _present(recurrent_mask, input_mask))
     return output, hy
 
 
-def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None), weight_hh_mask=None):
-    return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1],
-                      weight_hh_mask=weight_hh_mask)
+def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None), **masks):
+    return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1], **masks)
 
 
-def _gru_layer(*args, reverse, lengths=None, zoneout=(None,), weight_hh_mask=None):
-    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], weight_hh_mask=weight_hh_mask)
+def _gru_layer(*args, reverse, lengths=None, zoneout=(None,), **masks):
+    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], **masks)
 
 
 lstm = lstm_over(_lstm_layer)  # reference for gatedrnn.functional.lstm

@@ -75,17 +75,20 @@ def test_lengths(emulated, mode, proj, reverse):
 
 @pytest.mark.parametrize("mode,states", [("LSTM", "h"), ("LSTM", "c"), ("LSTM", "hc"), ("GRU", "h")])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_zoneout_and_weight_dropout(emulated, mode, states, packed):
+def test_zoneout_and_dropout(emulated, mode, states, packed):
     """Zoneout keep values (cells.h) through the CUDA kernels: training draws (0/1 per row and unit) for the
     states named, evaluation's broadcast p (stride 0) for the others, forward and backward, both directions;
-    with a weight dropout mask on W_hh."""
+    with weight, recurrent and input dropout masks."""
     args = make_args(mode, 12, 40, packed, True, 0, torch.float64)
     rows, g = args[0].shape[0] * (1 if packed else args[0].shape[1]), torch.Generator().manual_seed(4)
     keep = {name: torch.empty(rows, 40, dtype=torch.float64).bernoulli_(0.4, generator=g) if state in states
             else torch.full((1, 1), 0.25, dtype=torch.float64).expand(rows, 40)
             for name, state in (("zoneout", "h"), ("zoneout_cell", "c")) if mode == "LSTM" or state == "h"}
-    # And weight dropout's mask, which the entry points shared with the CPU apply (op_entry.h).
+    # And the dropout masks: weight dropout's and input dropout's, which the entry points shared with the CPU
+    # apply (op_entry.h), and recurrent dropout's, which the kernels apply.
     keep["weight_hh_mask"] = (torch.rand(args[5 if mode == "LSTM" else 4].shape, generator=g) > 0.3).double() / 0.7
+    keep["recurrent_mask"] = (torch.rand(12, 40, generator=g) > 0.4).double() / 0.6
+    keep["input_mask"] = (torch.rand(12, args[0].shape[-1], generator=g) > 0.2).double() / 0.8
     for reverse in (False, True):
         expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse, **keep)
         actual = run_forward_backward(emulated, mode, args, reverse, **keep)

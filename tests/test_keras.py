@@ -145,7 +145,6 @@ def test_to_keras_weights_round_trip(case):
     (lambda: _keras_layer("GRU", reset_after=False), "reset_after=False"),
     (lambda: _keras_layer("LSTM", activation="relu"), "activation='relu' is not supported"),
     (lambda: _keras_layer("GRU", recurrent_activation="hard_sigmoid"), "recurrent_activation='hard_sigmoid'"),
-    (lambda: _keras_layer("LSTM", recurrent_dropout=0.2), "recurrent_dropout=0.2 is not supported yet"),
     (lambda: keras.layers.LSTM(H), "has no weights yet"),
     (lambda: keras.layers.Bidirectional(keras.layers.GRU(H), merge_mode="sum"), "merge_mode='sum'"),
     (lambda: keras.layers.SimpleRNN(H), "expects a keras.layers.LSTM, GRU or Bidirectional"),

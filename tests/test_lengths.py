@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import gatedrnn
 from gatedrnn import _ops, reference
 from test_cpu_tiles import calls_during
-from utils import DEVICES, twins
+from utils import DEVICES, assert_same_results_and_grads, twins
 
 T, B, I, H = 6, 5, 3, 4
 LENGTHS = [3, 6, 1, 6, 4]  # unsorted, with a tie, the full length and a single step
@@ -101,12 +101,7 @@ def test_layer_ops_match_the_masked_reference(mode, reverse):
             inputs = [x, h0, *weights]
             ours = _ops.gru_layer(x, None, h0, *weights, reverse, lengths)
             expected = reference.gru_layer(x, None, h0, *weights, None, reverse, lengths=lengths)
-        for a, e in zip(ours, expected):
-            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
-        cotangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ours]
-        for a, e in zip(torch.autograd.grad(ours, inputs, cotangents),
-                        torch.autograd.grad(expected, inputs, cotangents)):
-            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+        assert_same_results_and_grads(ours, expected, inputs, g)
 
 
 def _layer_args(mode, device, requires_grad=True):

@@ -11,7 +11,6 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import gatedrnn
 from gatedrnn import _ops, reference
-from test_cpu_tiles import calls_during
 from utils import DEVICES
 
 T, B, I, H = 6, 4, 3, 5
@@ -114,19 +113,6 @@ def test_gradcheck_and_opcheck(mode, device):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(fn, args)
     torch.library.opcheck(op, [a.detach() if isinstance(a, torch.Tensor) else a for a in forward_args])
-
-
-def test_the_fused_step_kernel_runs_and_compiles():
-    team = gatedrnn.backend_info()["cpu_team_size"]
-    lstm = gatedrnn.LSTM(I, H, weight_dropout=0.3)
-    x = torch.randn(T, B, I, requires_grad=True)
-    calls = calls_during(lambda: lstm(x)[0].sum().backward())
-    assert calls["lstm_forward_step"] == T * team and calls["lstm_backward_step"] == T * team
-    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    actual = compiled(x)[0]
-    torch.manual_seed(0)
-    torch.testing.assert_close(actual, lstm(x)[0])
 
 
 def test_bad_arguments_are_refused_by_name():

@@ -6,15 +6,13 @@ Oracles: gatedrnn.reference with the same keep values, and the loop users write 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import gatedrnn
 from gatedrnn import _ops, reference
-from test_cpu_tiles import calls_during
-from utils import DEVICES
+from utils import DEVICES, VARIANT_LENGTHS, VARIANT_SIZES, assert_same_results_and_grads, variant_layer_args
 
-T, B, I, H = 6, 4, 3, 5
-LENGTHS = [6, 3, 5, 1]
+T, B, I, H = VARIANT_SIZES
+LENGTHS = VARIANT_LENGTHS
 
 
 def _keep(rows, draw, generator, p=0.3, dtype=torch.float64):
@@ -24,19 +22,8 @@ def _keep(rows, draw, generator, p=0.3, dtype=torch.float64):
     return torch.full((1, 1), p, dtype=dtype).expand(rows, H)
 
 
-def _layer_args(mode, layout, g):
-    def rand(*shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
-
-    gates = 4 if mode == "LSTM" else 3
-    batch_sizes = None
-    if layout == "packed":
-        batch_sizes = torch.tensor([sum(1 for n in LENGTHS if n > t) for t in range(max(LENGTHS))])
-        x = rand(int(batch_sizes.sum()), I)
-    else:
-        x = rand(T, B, I)
-    states = [rand(B, H), rand(B, H)] if mode == "LSTM" else [rand(B, H)]
-    return [x, batch_sizes, *states, rand(gates * H, I), rand(gates * H, H), rand(gates * H), rand(gates * H)]
+def _layer_args(mode, layout, g, device="cpu"):
+    return variant_layer_args(mode, layout, g, device)
 
 
 # (mode, which states zone out: h, c or hc, drawn (training) or p (evaluation))
@@ -69,11 +56,7 @@ def test_layer_ops_match_the_reference(case, reverse, layout):
     else:
         ours = _ops.gru_layer(*args, reverse, lengths, *keep)
         expected = reference.gru_layer(*args, None, reverse, lengths=lengths, zoneout=keep[0])
-    for a, e in zip(ours, expected):
-        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
-    cotangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ours]
-    for a, e in zip(torch.autograd.grad(ours, inputs, cotangents), torch.autograd.grad(expected, inputs, cotangents)):
-        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    assert_same_results_and_grads(ours, expected, inputs, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,47 +200,6 @@ def test_cells(mode):
         keeps = [_ops.zoneout_keep(p, training, x.unsqueeze(0), H).unsqueeze(0) for p in ps]
         _, expected = _torch_nn_loop(cell, x.unsqueeze(0), keeps, state)
         torch.testing.assert_close(result, expected, atol=1e-12, rtol=1e-12)
-
-
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_the_fused_step_kernel_runs(mode):
-    """Zoneout lives in the fused step kernels' epilogues: one step kernel call per step and thread, forward
-    and backward, as without it."""
-    team = gatedrnn.backend_info()["cpu_team_size"]
-    module = getattr(gatedrnn, mode)(I, H, zoneout=0.2)
-    x = torch.randn(T, B, I, requires_grad=True)
-    calls = calls_during(lambda: module(x)[0].sum().backward())
-    prefix = mode.lower()
-    assert calls[f"{prefix}_forward_step"] == T * team and calls[f"{prefix}_backward_step"] == T * team
-
-
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_compiles_without_a_graph_break(mode):
-    module = getattr(gatedrnn, mode)(I, H, zoneout=0.3, num_layers=2)
-    x = torch.randn(T, B, I)
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(0)
-    actual = compiled(x)[0]
-    torch.manual_seed(0)
-    torch.testing.assert_close(actual, module(x)[0])
-    module.eval()
-    torch.testing.assert_close(compiled(x)[0], module(x)[0])
-
-
-def test_packed_input():
-    """A PackedSequence through the module equals the reference on its packed data with the same draws."""
-    torch.manual_seed(0)
-    lstm = gatedrnn.LSTM(I, H, zoneout=0.3, zoneout_cell=0.3, dtype=torch.float64)
-    packed = pack_padded_sequence(torch.randn(T, B, I, dtype=torch.float64), torch.tensor(LENGTHS),
-                                  enforce_sorted=False)
-    torch.manual_seed(4)
-    output, (h, c) = lstm(packed)
-    torch.manual_seed(4)
-    zeros = torch.zeros(1, B, H, dtype=torch.float64)
-    expected, (eh, ec) = reference.lstm(packed.data, packed.batch_sizes, zeros, zeros, lstm._flat_weights,
-                                        training=True, zoneout=0.3, zoneout_cell=0.3)
-    torch.testing.assert_close(output.data, expected, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(h, eh.index_select(1, packed.unsorted_indices), atol=1e-12, rtol=1e-12)
 
 
 def test_bad_arguments_are_refused_by_name():

@@ -66,3 +66,39 @@ def weighted_sum(tensors, seed=2):
         total = total + (t * w).sum()
     return total
 
+
+
+# Small layer-op arguments shared by the variant tests (zoneout, dropout): T, B, I, H and packed lengths.
+VARIANT_SIZES = (6, 4, 3, 5)
+VARIANT_LENGTHS = [6, 3, 5, 1]
+
+
+def variant_layer_args(mode, layout, generator, device="cpu"):
+    """Arguments of _ops.lstm_layer / gru_layer up to the biases (weight_hr, reverse and the options follow),
+    float64 leaves that require grad: dense [T, B, I] input, or with layout "packed" the packed rows of
+    VARIANT_LENGTHS (any other layout, such as "lengths", is dense)."""
+    T, B, I, H = VARIANT_SIZES
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+
+    gates = 4 if mode == "LSTM" else 3
+    batch_sizes = None
+    if layout == "packed":
+        batch_sizes = torch.tensor([sum(1 for n in VARIANT_LENGTHS if n > t) for t in range(max(VARIANT_LENGTHS))])
+        x = rand(int(batch_sizes.sum()), I)
+    else:
+        x = rand(T, B, I)
+    states = [rand(B, H), rand(B, H)] if mode == "LSTM" else [rand(B, H)]
+    return [x, batch_sizes, *states, rand(gates * H, I), rand(gates * H, H), rand(gates * H), rand(gates * H)]
+
+
+
+def assert_same_results_and_grads(ours, expected, inputs, generator, tol=1e-12):
+    """Two implementations' outputs (sequences of tensors) agree, and so do the gradients of `inputs` under the
+    same random cotangents."""
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e, atol=tol, rtol=tol)
+    cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in ours]
+    for a, e in zip(torch.autograd.grad(ours, inputs, cotangents), torch.autograd.grad(expected, inputs, cotangents)):
+        torch.testing.assert_close(a, e, atol=tol, rtol=tol)

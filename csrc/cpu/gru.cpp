@@ -55,19 +55,33 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
   S* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
   ZoneoutKeep<T> keep;  // zoneout of h (cells.h), or none
+  // Recurrent dropout: the product reads h_{t-1} * mask, which each step writes beside h_t (one mask per
+  // sequence and unit, held over the steps); the cell itself uses h_{t-1}. All null without it.
+  const T* recurrent_mask;  // [B, H]: 0 or 1 / (1 - p)
+  S* masked_output;         // [N, H]
+  const S* masked_h0;       // [B, H]
   bool save;
   int64_t hidden, rows;
   Step step;
 
-  const S* a_row(int64_t b) const {
+  // h_{t-1} as the cell sees it: the previous step's output row, or h0 for a row's first step.
+  const S* prev_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
   }
 
-  template <int L, bool kSave, bool kBias, bool kZoneout>
+  // h_{t-1} as the product reads it (times the mask with recurrent dropout).
+  const S* a_row(int64_t b) const {
+    if (!masked_output) return prev_row(b);
+    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * hidden : masked_h0 + b * hidden;
+  }
+
+  template <int L, bool kSave, bool kBias, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* gi = input_proj + (row - proj_row0) * proj_stride + j0;
-    const S* h = a_row(b) + j0;
+    const S* h = prev_row(b) + j0;
+    const T* mask = kDropout ? recurrent_mask + b * H + j0 : nullptr;
+    S* masked = kDropout ? masked_output + row * H + j0 : nullptr;
     S* out = output + row * H + j0;
     S* hs = h_state + b * H + j0;
     T keep_hidden[kZoneout ? L : 1];
@@ -83,20 +97,21 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
       if constexpr (kZoneout) h_new = zoneout(keep_hidden[l], h_prev, h_new);
       out[l] = to_storage<S>(h_new);
       hs[l] = to_storage<S>(h_new);
+      if constexpr (kDropout) masked[l] = to_storage<S>(h_new * mask[l]);
       if constexpr (kSave) store_gates(gi, H, l, a.r, a.z, a.n, a.hn);  // this row of the saved buffer
     }
   }
 
-  template <int L, bool kZoneout>
+  template <int L, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t j0, int64_t width) const {
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGates * L;
       if (bias_hn) {
-        save ? cell<L, true, true, kZoneout>(a, b0 + r, j0, width)
-             : cell<L, false, true, kZoneout>(a, b0 + r, j0, width);
+        save ? cell<L, true, true, kZoneout, kDropout>(a, b0 + r, j0, width)
+             : cell<L, false, true, kZoneout, kDropout>(a, b0 + r, j0, width);
       } else {
-        save ? cell<L, true, false, kZoneout>(a, b0 + r, j0, width)
-             : cell<L, false, false, kZoneout>(a, b0 + r, j0, width);
+        save ? cell<L, true, false, kZoneout, kDropout>(a, b0 + r, j0, width)
+             : cell<L, false, false, kZoneout, kDropout>(a, b0 + r, j0, width);
       }
     }
   }
@@ -104,7 +119,13 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
-    keep.data ? finish_rows<L, true>(acc, b0, n, j0, width) : finish_rows<L, false>(acc, b0, n, j0, width);
+    if (masked_output) {
+      keep.data ? finish_rows<L, true, true>(acc, b0, n, j0, width)
+                : finish_rows<L, false, true>(acc, b0, n, j0, width);
+    } else {
+      keep.data ? finish_rows<L, true, false>(acc, b0, n, j0, width)
+                : finish_rows<L, false, false>(acc, b0, n, j0, width);
+    }
   }
 };
 
@@ -120,9 +141,13 @@ GATEDRNN_BF16_TILE_KERNEL(run_forward_tiles, Bf16ForwardTiles, "gru_forward_step
 template <typename T, typename S = T>
 void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                       const Tensor& w_hh, const OptTensor& bias_input, const OptTensor& b_hh, const Tensor& h0,
-                      Tensor& saved, Tensor& output2d, Tensor& hy, bool save, const OptTensor& zoneout) {
+                      Tensor& saved, Tensor& output2d, Tensor& hy, bool save, const OptTensor& zoneout,
+                      const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
+  const bool dropout = recurrent_mask.has_value();
+  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
+  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
   const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
   const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
@@ -142,6 +167,9 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                                 b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
                                 hy.data_ptr<S>(),
                                 zoneout_keep<T>(zoneout),
+                                dropout ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                                dropout ? masked_output.data_ptr<S>() : nullptr,
+                                dropout ? masked_h0.const_data_ptr<S>() : nullptr,
                                 save,
                                 H,
                                 0,
@@ -160,10 +188,13 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes,
                                                    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                   bool save, const OptTensor& zoneout, int64_t saved_rows) {
+                                                   bool save, const OptTensor& zoneout,
+                                                   const OptTensor& recurrent_mask_, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   // bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the projection
   // buffer and the biases are float32. Otherwise everything in the compute dtype.
   const bool bf16 = input_.scalar_type() == at::kBFloat16 && !save && bf16_tiles_available();
@@ -193,13 +224,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
 #ifdef GATEDRNN_HAVE_BF16_TILES
   if (bf16) {
     gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d,
-                                           hy, false, zoneout);
+                                           hy, false, zoneout, recurrent_mask);
   } else
 #endif
   {
     AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_forward_cpu", [&] {
       gru_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d, hy, save,
-                                 zoneout);
+                                 zoneout, recurrent_mask);
     });
   }
 
@@ -229,6 +260,7 @@ struct BackwardTiles : TileBase<T, 4> {
   T* carry;              // [B, H]: grad_hy, then the direct part of the gradient reaching h_{t-1}
   T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
   ZoneoutKeep<T> keep;   // zoneout of h (cells.h), or none
+  const T* recurrent_mask;  // [B, H] with recurrent dropout, or null
   int64_t hidden, rows;
   Step step;
 
@@ -236,10 +268,14 @@ struct BackwardTiles : TileBase<T, 4> {
 
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
-    keep.data ? finish_rows<L, true>(acc, b0, n, p) : finish_rows<L, false>(acc, b0, n, p);
+    if (recurrent_mask) {
+      keep.data ? finish_rows<L, true, true>(acc, b0, n, p) : finish_rows<L, false, true>(acc, b0, n, p);
+    } else {
+      keep.data ? finish_rows<L, true, false>(acc, b0, n, p) : finish_rows<L, false, false>(acc, b0, n, p);
+    }
   }
 
-  template <int L, bool kZoneout>
+  template <int L, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t H = hidden, j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, H - j0);
     for (int64_t r = 0; r < n; ++r) {
@@ -253,11 +289,13 @@ struct BackwardTiles : TileBase<T, 4> {
       T* dg = d_gates + row * kGradCols * H + j0;
       T keep_hidden[kZoneout ? kGroups * L : 1];
       if constexpr (kZoneout) load_keep(keep, row, j0, width, keep_hidden);
+      const T* mask = kDropout ? recurrent_mask + b * H + j0 : nullptr;
       GATEDRNN_IVDEP
       for (int64_t l = 0; l < width; ++l) {
         const GruGates<T> g{sv[l], sv[H + l], sv[2 * H + l], sv[3 * H + l]};
         GruGateGrads<T> d_in, d_hid;
-        const T dh = a[l] + d_out[l] + cr[l];
+        // Through W_hh the gradient reaches h_t * mask with recurrent dropout.
+        const T dh = (kDropout ? a[l] * mask[l] : a[l]) + d_out[l] + cr[l];
         if constexpr (kZoneout) {  // h_t = k h_{t-1} + (1 - k) h~_t: the kept part passes straight to h_{t-1}
           const T k = keep_hidden[l];
           cr[l] = gru_backward(g, h_prev[l], (T(1) - k) * dh, d_in, d_hid) + k * dh;
@@ -275,7 +313,7 @@ GATEDRNN_TILE_KERNELS(run_backward_tiles, BackwardTiles, "gru_backward_step")
 template <typename T>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                        const Tensor& saved, const Tensor& output2d, const Tensor& h0, const Tensor& w_hh,
-                       Tensor& d_gates, Tensor& carry, const OptTensor& zoneout) {
+                       Tensor& d_gates, Tensor& carry, const OptTensor& zoneout, const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, G = kGradCols * H, L = tile_lanes<T>();
   // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
   const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
@@ -290,6 +328,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                         carry.data_ptr<T>(),
                         d_gates.data_ptr<T>(),
                         zoneout_keep<T>(zoneout),
+                        recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
                         H,
                         0,
                         Step{}};
@@ -309,11 +348,13 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const auto dtype = compute_dtype(input_.scalar_type());
   const int64_t H = s.hidden;
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -326,13 +367,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGradCols * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
-    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout);
+    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout,
+                                recurrent_mask);
   });
   // dh0 = its direct part (left in the carry by each row's first step) + [dr, dz, dhn] of that step @ W_hh
-  add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, kGates * H), w_hh);
+  add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, kGates * H), w_hh, recurrent_mask);
 
   const auto x2d = input.view({s.rows, s.input_size});
-  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+  // dW_hh from the states as the product read them.
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = gru_layer_grads(args, d_gates);
   return {g.input, dh.to(input_.scalar_type()), g.w_ih, g.w_hh, g.b_ih, g.b_hh};

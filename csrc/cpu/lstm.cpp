@@ -57,19 +57,32 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   T* cells;       // [N, H]: saved c_t, or null
   T* pre_proj;    // [B, H]: h_t before the projection, or null
   ZoneoutKeep<T> keep_h, keep_c;  // without a projection only
+  // Recurrent dropout (without a projection): the product reads h_{t-1} * mask, which each step writes beside
+  // h_t (one mask per sequence and unit, held over the steps); all null without it.
+  const T* recurrent_mask;  // [B, R]: 0 or 1 / (1 - p)
+  S* masked_output;         // [N, R]
+  const S* masked_h0;       // [B, R]
   int64_t hidden, state, rows;
   Step step;
 
-  const S* a_row(int64_t b) const {
+  // h_{t-1} as the cell sees it: the previous step's output row, or h0 for a row's first step.
+  const S* prev_row(int64_t b) const {
     return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
   }
 
-  template <int L, bool kSave, bool kProj, bool kBias, bool kZoneout>
+  // h_{t-1} as the product reads it (times the mask with recurrent dropout).
+  const S* a_row(int64_t b) const {
+    if (!masked_output) return prev_row(b);
+    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * state : masked_h0 + b * state;
+  }
+
+  template <int L, bool kSave, bool kProj, bool kBias, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* g = input_proj + (row - proj_row0) * proj_stride + j0;
     T* c = c_state + b * H + j0;
-    const S* h_prev = a_row(b) + j0;  // used with zoneout only (no projection: R = H)
+    const S* h_prev = prev_row(b) + j0;  // used with zoneout only (no projection: R = H)
+    const T* mask = kDropout ? recurrent_mask + b * state + j0 : nullptr;
     T keep_hidden[kZoneout ? L : 1], keep_cell[kZoneout ? L : 1];
     if constexpr (kZoneout) {
       load_keep(keep_h, row, j0, width, keep_hidden);
@@ -96,30 +109,32 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
       } else {
         output[row * state + j0 + l] = to_storage<S>(h_new);
         h_state[b * state + j0 + l] = to_storage<S>(h_new);
+        if constexpr (kDropout) masked_output[row * state + j0 + l] = to_storage<S>(h_new * mask[l]);
       }
     }
   }
 
-  template <int L, bool kZoneout>
+  // kZoneout and kDropout: only without a projection (the ops refuse them with one).
+  template <int L, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void finish_rows(const T* acc, int64_t b0, int64_t n, int64_t j0, int64_t width) const {
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGates * L;
       const int64_t b = b0 + r;
       if (bias) {
         if (cells) {
-          pre_proj ? cell<L, true, true, true, kZoneout>(a, b, j0, width)
-                   : cell<L, true, false, true, kZoneout>(a, b, j0, width);
+          pre_proj ? cell<L, true, true, true, false, false>(a, b, j0, width)
+                   : cell<L, true, false, true, kZoneout, kDropout>(a, b, j0, width);
         } else {
-          pre_proj ? cell<L, false, true, true, kZoneout>(a, b, j0, width)
-                   : cell<L, false, false, true, kZoneout>(a, b, j0, width);
+          pre_proj ? cell<L, false, true, true, false, false>(a, b, j0, width)
+                   : cell<L, false, false, true, kZoneout, kDropout>(a, b, j0, width);
         }
       } else {
         if (cells) {
-          pre_proj ? cell<L, true, true, false, kZoneout>(a, b, j0, width)
-                   : cell<L, true, false, false, kZoneout>(a, b, j0, width);
+          pre_proj ? cell<L, true, true, false, false, false>(a, b, j0, width)
+                   : cell<L, true, false, false, kZoneout, kDropout>(a, b, j0, width);
         } else {
-          pre_proj ? cell<L, false, true, false, kZoneout>(a, b, j0, width)
-                   : cell<L, false, false, false, kZoneout>(a, b, j0, width);
+          pre_proj ? cell<L, false, true, false, false, false>(a, b, j0, width)
+                   : cell<L, false, false, false, kZoneout, kDropout>(a, b, j0, width);
         }
       }
     }
@@ -128,10 +143,11 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
-    if (keep_h.data || keep_c.data) {
-      finish_rows<L, true>(acc, b0, n, j0, width);
+    const bool zoned = keep_h.data || keep_c.data;
+    if (masked_output) {
+      zoned ? finish_rows<L, true, true>(acc, b0, n, j0, width) : finish_rows<L, false, true>(acc, b0, n, j0, width);
     } else {
-      finish_rows<L, false>(acc, b0, n, j0, width);
+      zoned ? finish_rows<L, true, false>(acc, b0, n, j0, width) : finish_rows<L, false, false>(acc, b0, n, j0, width);
     }
   }
 };
@@ -150,7 +166,7 @@ template <typename T, typename S = T>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x2d, const Tensor& w_ih,
                        const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& bias, const Tensor& h0,
                        Tensor& gates, Tensor& output2d, Tensor& hy, Tensor& cy, Tensor& cells, bool save,
-                       const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+                       const OptTensor& zoneout, const OptTensor& zoneout_cell, const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H, L = lanes_for<S>();
   const bool proj = w_hr.has_value();
   constexpr bool kSameTypes = std::is_same_v<S, T>;
@@ -163,6 +179,9 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) gates = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   auto pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
+  const bool dropout = recurrent_mask.has_value();
+  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
+  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
 
   const InputTiles<T, kGates, S> input{
       {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
@@ -179,6 +198,9 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                                 proj ? pre_proj.data_ptr<T>() : nullptr,
                                 zoneout_keep<T>(zoneout),
                                 zoneout_keep<T>(zoneout_cell),
+                                dropout ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                                dropout ? masked_output.data_ptr<S>() : nullptr,
+                                dropout ? masked_h0.const_data_ptr<S>() : nullptr,
                                 H,
                                 R,
                                 0,
@@ -220,7 +242,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
                                                                      const Tensor& w_hh, const OptTensor& b_ih,
                                                                      const OptTensor& b_hh, bool reverse,
                                                                      const OptTensor& zoneout,
-                                                                     const OptTensor& zoneout_cell) {
+                                                                     const OptTensor& zoneout_cell,
+                                                                     const OptTensor& recurrent_mask) {
 #ifdef GATEDRNN_HAVE_BF16_TILES
   const auto input = input_.contiguous();
   const auto x2d = input.view({s.rows, s.input_size});
@@ -235,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_bf16(const Layer
   auto gates = at::empty({0}, f32), cells = at::empty({0}, f32);
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   lstm_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, std::nullopt, bias, h0, gates, output2d, hy,
-                                          cy, cells, false, zoneout, zoneout_cell);
+                                          cy, cells, false, zoneout, zoneout_cell, recurrent_mask);
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
   return {output2d.view(output_shape), hy, cy.to(at::kBFloat16), at::empty({0}, f32), at::empty({0}, f32)};
@@ -251,13 +274,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
                                                                     const OptTensor& w_hr_, bool reverse, bool save,
                                                                     const OptTensor& zoneout,
                                                                     const OptTensor& zoneout_cell,
+                                                                    const OptTensor& recurrent_mask_,
                                                                     int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, w_hr_, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   if (input_.scalar_type() == at::kBFloat16 && !save && !w_hr_.has_value() && bf16_tiles_available()) {
     return lstm_forward_bf16(s, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, reverse, zoneout,
-                             zoneout_cell);
+                             zoneout_cell, recurrent_mask);
   }
 
   const auto dtype = compute_dtype(input_.scalar_type());
@@ -284,7 +310,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {
     lstm_forward_loop<scalar_t>(schedule, s, x2d, w_ih, w_hh, w_hr, bias, h0, gates, output2d, hy, cy, cells, save,
-                                zoneout, zoneout_cell);
+                                zoneout, zoneout_cell, recurrent_mask);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -346,12 +372,13 @@ struct BackwardTiles : TileBase<T, 4> {
   T* d_gates;            // [N, 4H]
   T* pre_proj;           // [N, H]: recomputed h_t before the projection (for dW_hr), or null
   ZoneoutKeep<T> keep_h, keep_c;  // without a projection only
+  const T* recurrent_mask;        // [B, R] with recurrent dropout (no projection), or null
   int64_t hidden, state, rows;
   Step step;
 
   const T* a_row(int64_t b) const { return d_proj ? d_proj + (step.offset + b) * state : later.row(b); }
 
-  template <int L, bool kProj, bool kZoneout>
+  template <int L, bool kProj, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     const T* g = gates + row * kGates * H + j0;
@@ -368,10 +395,12 @@ struct BackwardTiles : TileBase<T, 4> {
       load_keep(keep_h, row, j0, width, keep_hidden);
       load_keep(keep_c, row, j0, width, keep_cell);
     }
+    const T* mask = kDropout ? recurrent_mask + b * state + j0 : nullptr;
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       const LstmGates<T> a{g[l], g[H + l], g[2 * H + l], g[3 * H + l]};
-      T d_hidden = acc[l];
+      // Through W_hh the gradient reaches h_t * mask with recurrent dropout.
+      T d_hidden = kDropout ? acc[l] * mask[l] : acc[l];
       if constexpr (kProj) {
         pre_proj[row * H + j0 + l] = lstm_hidden(a, c[l]);  // recomputed for dW_hr, not saved
       } else {
@@ -399,12 +428,13 @@ struct BackwardTiles : TileBase<T, 4> {
     const int64_t j0 = p * kGroups * L, width = std::min<int64_t>(kGroups * L, hidden - j0);
     for (int64_t r = 0; r < n; ++r) {
       const T* a = acc + r * kGroups * L;
+      const bool zoned = keep_h.data || keep_c.data;
       if (pre_proj) {
-        cell<L, true, false>(a, b0 + r, j0, width);
-      } else if (keep_h.data || keep_c.data) {
-        cell<L, false, true>(a, b0 + r, j0, width);
+        cell<L, true, false, false>(a, b0 + r, j0, width);
+      } else if (recurrent_mask) {
+        zoned ? cell<L, false, true, true>(a, b0 + r, j0, width) : cell<L, false, false, true>(a, b0 + r, j0, width);
       } else {
-        cell<L, false, false>(a, b0 + r, j0, width);
+        zoned ? cell<L, false, true, false>(a, b0 + r, j0, width) : cell<L, false, false, false>(a, b0 + r, j0, width);
       }
     }
   }
@@ -416,7 +446,8 @@ template <typename T>
 void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                         const Tensor& gates, const Tensor& cells, const Tensor& c0, const Tensor& w_hh,
                         const OptTensor& w_hr, Tensor& d_gates, Tensor& carry, Tensor& dc, Tensor& d_proj,
-                        Tensor& hidden_pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+                        Tensor& hidden_pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell,
+                        const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, R = s.state, G = kGates * H, L = tile_lanes<T>();
   const bool proj = w_hr.has_value();
   // dh = dG @ W_hh ([4H, R]) and, with a projection, dh_pre = d_proj @ W_hr ([R, H]): both weights are
@@ -450,6 +481,7 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
                         proj ? hidden_pre_proj.data_ptr<T>() : nullptr,
                         zoneout_keep<T>(zoneout),
                         zoneout_keep<T>(zoneout_cell),
+                        recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
                         H,
                         R,
                         0,
@@ -483,11 +515,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& grad_cy_, const Tensor& input_,
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
-    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell,
+    const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::lstm_backward";
   const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
                                                 w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
   check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, w_hr_, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const auto dtype = compute_dtype(input_.scalar_type());
 
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
@@ -508,15 +543,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_backward_cpu", [&] {
     lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, gates, cells, cx, w_hh, w_hr, d_gates, carry, dc, d_proj,
-                                 hidden_pre_proj, zoneout, zoneout_cell);
+                                 hidden_pre_proj, zoneout, zoneout_cell, recurrent_mask);
   });
   // Every row's carry was consumed (zeroed) by its last step, unless there was none (T = 0: h_n is h0), or
   // holds the kept part k_h dh of its first step with zoneout; h0 reaches the rows' first steps through W_hh.
   auto& dh = carry;
-  add_initial_state_grad(dh, schedule, d_gates, w_hh);
+  add_initial_state_grad(dh, schedule, d_gates, w_hh, recurrent_mask);
 
   const auto x2d = input.view({s.rows, s.input_size});
-  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+  // dW_hh from the states as the product read them.
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = lstm_layer_grads(args, d_gates, d_proj, hidden_pre_proj);
   const auto storage = input_.scalar_type();

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -215,10 +216,18 @@ inline int64_t point_at_later_step(LaterRows<T>& rows, const std::vector<Step>& 
 // dh0 += (for each batch row, the pre-activation gradients of the step that read h0 for it) @ w: every
 // row reads its initial state exactly once, at its first step in processing order.
 inline void add_initial_state_grad(at::Tensor& dh0, const std::vector<Step>& schedule, const at::Tensor& d_gates,
-                                   const at::Tensor& w) {
+                                   const at::Tensor& w,
+                                   const std::optional<at::Tensor>& recurrent_mask = std::nullopt) {
   for (const Step& s : schedule) {
     const int64_t fresh = s.rows - s.prev_rows;
-    if (fresh > 0) dh0.narrow(0, s.prev_rows, fresh).addmm_(d_gates.narrow(0, s.offset + s.prev_rows, fresh), w);
+    if (fresh <= 0) continue;
+    auto rows = dh0.narrow(0, s.prev_rows, fresh);
+    const auto d = d_gates.narrow(0, s.offset + s.prev_rows, fresh);
+    if (recurrent_mask) {  // with recurrent dropout the product read h0 * mask
+      rows.addcmul_(at::mm(d, w), recurrent_mask->narrow(0, s.prev_rows, fresh));
+    } else {
+      rows.addmm_(d, w);
+    }
   }
 }
 

@@ -46,6 +46,11 @@ struct GruForwardStep {
   scalar_t* hy;             // [B, H]
   acc_t* saved;             // [N, 4H]: r, z, n, hn, or null
   ZoneoutKeep<acc_t> keep;  // zoneout of h (cells.h), or none
+  // Recurrent dropout: the product reads h_{t-1} * mask, which each step writes beside h_t; the cell itself
+  // uses h_{t-1}. All null without it.
+  const acc_t* recurrent_mask;  // [B, H]: 0 or 1 / (1 - p), one per sequence and unit
+  scalar_t* masked_output;      // [N, H]
+  const scalar_t* masked_h0;    // [B, H]
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -64,7 +69,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(co
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden;
   const auto a_rows =
-      tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) { return previous_state(p.output, p.h0, b, p.step, H); });
+      tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) {
+        return p.masked_output ? previous_state(p.masked_output, p.masked_h0, b, p.step, H)
+                               : previous_state(p.output, p.h0, b, p.step, H);
+      });
   acc_t acc[kGates][RPT] = {};
   tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * H * kGates * kTileUnits, a_rows, H, acc);
 
@@ -85,6 +93,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(co
     if (p.keep.data) h = zoneout(p.keep.at(row, j), h_prev, h);
     p.output[row * H + j] = static_cast<scalar_t>(h);
     p.hy[b * H + j] = static_cast<scalar_t>(h);
+    if (p.masked_output) p.masked_output[row * H + j] = static_cast<scalar_t>(h * p.recurrent_mask[b * H + j]);
     if (p.saved) {
       acc_t* saved = p.saved + row * kSaved * H + j;
       saved[0] = a.r;
@@ -103,10 +112,13 @@ constexpr auto gru_forward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const OptTensor& batch_sizes,
                                                     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                     const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
-                                                    bool save, const OptTensor& zoneout, int64_t saved_rows) {
+                                                    bool save, const OptTensor& zoneout,
+                                                    const OptTensor& recurrent_mask_, int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, no_proj, dtype, acc_dtype] =
@@ -124,6 +136,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
   auto output2d = at::empty({s.rows, H}, input.options());
   auto hy = h0.clone();  // rows are overwritten at every step they are active in
   const auto w_tiles = forward_weight_tiles(w_hh, kGates, H);
+  const bool dropout = recurrent_mask.has_value();
+  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
+  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_forward_cuda", [&] {
@@ -137,6 +152,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
                                hy.data_ptr<scalar_t>(),
                                save ? saved.data_ptr<acc_t>() : nullptr,
                                zoneout_keep<acc_t>(zoneout),
+                               data_or_null<acc_t>(recurrent_mask),
+                               dropout ? masked_output.data_ptr<scalar_t>() : nullptr,
+                               dropout ? masked_h0.const_data_ptr<scalar_t>() : nullptr,
                                H,
                                Step{}};
     for (const Step& step : schedule) {
@@ -165,6 +183,7 @@ struct GruBackwardStep {
   const scalar_t* h0;           // [B, H]
   scalar_t* d_gates;            // [N, 4H]: dr, dz, dhn, dn out
   ZoneoutKeep<acc_t> keep;      // zoneout of h (cells.h), or none
+  const acc_t* recurrent_mask;  // [B, H] with recurrent dropout, or null
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -187,7 +206,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(c
   if (j >= H) return;
   for_each_thread_row<RPT>(p.step.rows, [&](int i, int64_t b) {
     const int64_t row = p.step.offset + b;
-    const acc_t dh = acc[0][i] + static_cast<acc_t>(p.grad_output[row * H + j]) + p.carry[b * H + j];
+    // Through W_hh the gradient reaches h_t * mask with recurrent dropout.
+    const acc_t through_w_hh = p.recurrent_mask ? acc[0][i] * p.recurrent_mask[b * H + j] : acc[0][i];
+    const acc_t dh = through_w_hh + static_cast<acc_t>(p.grad_output[row * H + j]) + p.carry[b * H + j];
     const acc_t* sv = p.saved + row * kSaved * H + j;
     const GruGates<acc_t> a{sv[0], sv[H], sv[2 * H], sv[3 * H]};
     const acc_t h_prev = static_cast<acc_t>(previous_state(p.output, p.h0, b, p.step, H)[j]);
@@ -214,11 +235,13 @@ constexpr auto gru_backward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, no_proj, dtype, acc_dtype] =
@@ -243,6 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     p.h0 = hx.const_data_ptr<scalar_t>();
     p.d_gates = d_gates.data_ptr<scalar_t>();
     p.keep = zoneout_keep<acc_t>(zoneout);
+    p.recurrent_mask = data_or_null<acc_t>(recurrent_mask);
     p.hidden = H;
     for (size_t k = schedule.size(); k-- > 0;) {
       const Step& step = schedule[k];
@@ -254,10 +278,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     }
   });
   // h0 reaches each row's first step directly (the carry now holds dh * z of that step) and through W_hh.
-  add_initial_state_grad(carry, d_gates.narrow(1, 0, kGates * H), w_hh, schedule);
+  add_initial_state_grad(carry, d_gates.narrow(1, 0, kGates * H), w_hh, schedule, recurrent_mask);
 
   const auto x2d = input.view({s.rows, s.input_size});
-  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+  // dW_hh from the states as the product read them.
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options()};
   const auto g = gru_layer_grads(args, d_gates);
   return {g.input, carry.to(dtype), g.w_ih, g.w_hh, g.b_ih, g.b_hh};

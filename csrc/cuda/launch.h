@@ -103,11 +103,15 @@ inline LaterStep later_step(const std::vector<Step>& schedule, size_t k) {
 // Adds to grad_h0 the gradient reaching h0 through W_hh: each row's first step (processing order) is the
 // only one that reads h0. d_hidden: [N, K] gradients of the recurrent pre-activations (K = rows of W_hh).
 inline void add_initial_state_grad(at::Tensor& grad_h0, const at::Tensor& d_hidden, const at::Tensor& w_hh,
-                                   const std::vector<Step>& schedule) {
+                                   const std::vector<Step>& schedule,
+                                   const std::optional<at::Tensor>& recurrent_mask = std::nullopt) {
   for (const Step& step : schedule) {
     if (step.rows == step.prev_rows) continue;
     const int64_t first = step.prev_rows, count = step.rows - step.prev_rows;
-    grad_h0.narrow(0, first, count).add_(at::mm(d_hidden.narrow(0, step.offset + first, count), w_hh));
+    auto through_w_hh = at::mm(d_hidden.narrow(0, step.offset + first, count), w_hh);
+    // With recurrent dropout the product read h0 * mask.
+    if (recurrent_mask) through_w_hh.mul_(recurrent_mask->narrow(0, first, count));
+    grad_h0.narrow(0, first, count).add_(through_w_hh);
   }
 }
 

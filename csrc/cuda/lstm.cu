@@ -49,6 +49,11 @@ struct LstmForwardStep {
   acc_t* gates;             // [N, 4H]: saved activations, or null
   acc_t* cells;             // [N, H]: saved c_t, or null
   ZoneoutKeep<acc_t> keep_h, keep_c;  // zoneout (cells.h), without a projection only
+  // Recurrent dropout (without a projection): the product reads h_{t-1} * mask, which each step writes beside
+  // h_t; all null without it.
+  const acc_t* recurrent_mask;  // [B, R]: 0 or 1 / (1 - p), one per sequence and unit
+  scalar_t* masked_output;      // [N, R]
+  const scalar_t* masked_h0;    // [B, R]
   int64_t hidden, state;
   Step step;  // this step's rows (sequence.h)
 };
@@ -58,9 +63,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_forward_step(c
   using acc_t = at::opmath_type<scalar_t>;
   using Storage = TileStorage<scalar_t, kGates, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
-  // h_{t-1}: the previous step's output row, or h0 for a row's first step.
+  // h_{t-1} as the product reads it: the previous step's output row, or h0 for a row's first step (their
+  // masked copies with recurrent dropout).
+  const scalar_t* previous = p.masked_output ? p.masked_output : p.output;
+  const scalar_t* first = p.masked_output ? p.masked_h0 : p.h0;
   const auto a_rows = tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) {
-    return b < p.step.prev_rows ? p.output + (p.step.prev_offset + b) * p.state : p.h0 + b * p.state;
+    return b < p.step.prev_rows ? previous + (p.step.prev_offset + b) * p.state : first + b * p.state;
   });
   acc_t acc[kGates][RPT] = {};
   tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * p.state * kGates * kTileUnits, a_rows, p.state, acc);
@@ -99,6 +107,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_forward_step(c
     } else {
       p.output[row * p.state + j] = static_cast<scalar_t>(h);
       p.hy[b * p.state + j] = static_cast<scalar_t>(h);
+      if (p.masked_output) {
+        p.masked_output[row * p.state + j] = static_cast<scalar_t>(h * p.recurrent_mask[b * p.state + j]);
+      }
     }
   });
 }
@@ -112,11 +123,13 @@ template <typename scalar_t>
 void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& x_proj,
                        const OptTensor& bias, const Tensor& h0, const Tensor& w_hh, const OptTensor& w_hr,
                        Tensor& output2d, Tensor& hy, Tensor& c_state, Tensor& gates, Tensor& cells, bool save,
-                       const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+                       const OptTensor& zoneout, const OptTensor& zoneout_cell, const OptTensor& recurrent_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool proj = w_hr.has_value();
+  const bool proj = w_hr.has_value(), dropout = recurrent_mask.has_value();
   const auto w_tiles = forward_weight_tiles(w_hh, kGates, s.hidden);
   auto pre_proj = proj ? at::empty({s.batch, s.hidden}, output2d.options()) : Tensor();
+  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
+  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
   LstmForwardStep<scalar_t> p{w_tiles.const_data_ptr<scalar_t>(),
                               x_proj.const_data_ptr<scalar_t>(),
                               data_or_null<acc_t>(bias),
@@ -129,6 +142,9 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                               save ? cells.data_ptr<acc_t>() : nullptr,
                               zoneout_keep<acc_t>(zoneout),
                               zoneout_keep<acc_t>(zoneout_cell),
+                              data_or_null<acc_t>(recurrent_mask),
+                              dropout ? masked_output.data_ptr<scalar_t>() : nullptr,
+                              dropout ? masked_h0.const_data_ptr<scalar_t>() : nullptr,
                               s.hidden,
                               s.state,
                               Step{}};
@@ -150,10 +166,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
                                                                      const OptTensor& w_hr_, bool reverse, bool save,
                                                                      const OptTensor& zoneout,
                                                                      const OptTensor& zoneout_cell,
+                                                                     const OptTensor& recurrent_mask_,
                                                                      int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
   const LayerShape s = check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_);
   check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, w_hr_, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, h0, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
@@ -182,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_lstm_forward_cuda", [&] {
     lstm_forward_loop<scalar_t>(schedule, s, x_proj, bias, h0, w_hh, w_hr, output2d, hy, c_state, gates, cells, save,
-                                zoneout, zoneout_cell);
+                                zoneout, zoneout_cell, recurrent_mask);
   });
 
   auto output_shape = input_.sizes().vec();
@@ -209,6 +228,7 @@ struct LstmBackwardStep {
   scalar_t* d_gates;           // [N, 4H]: pre-activation gradients out
   scalar_t* pre_proj;          // [N, H]: recomputed h_t before the projection (for dW_hr), or null
   ZoneoutKeep<acc_t> keep_h, keep_c;  // zoneout (cells.h), without a projection only
+  const acc_t* recurrent_mask;        // [B, H] with recurrent dropout (no projection), or null
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
@@ -229,7 +249,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_backward_step(
   if (j >= H) return;
   for_each_thread_row<RPT>(p.step.rows, [&](int i, int64_t b) {
     const int64_t row = p.step.offset + b;
-    acc_t dh = acc[0][i] + static_cast<acc_t>(p.grad_h[b * p.grad_h_stride + j]);
+    // Through W_hh the gradient reaches h_t * mask with recurrent dropout.
+    const acc_t through_w_hh = p.recurrent_mask ? acc[0][i] * p.recurrent_mask[b * H + j] : acc[0][i];
+    acc_t dh = through_w_hh + static_cast<acc_t>(p.grad_h[b * p.grad_h_stride + j]);
     if (p.carry) dh += p.carry[b * H + j];
     const acc_t* g = p.gates + row * G + j;
     const LstmGates<acc_t> a{g[0], g[H], g[2 * H], g[3 * H]};
@@ -271,7 +293,8 @@ template <typename scalar_t>
 Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                           const Tensor& grad_hy, const Tensor& gates, const Tensor& cells, const Tensor& c0,
                           const Tensor& w_hh, const OptTensor& w_hr, Tensor& dc_state, Tensor& d_gates, Tensor& d_proj,
-                          Tensor& pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+                          Tensor& pre_proj, const OptTensor& zoneout, const OptTensor& zoneout_cell,
+                          const OptTensor& recurrent_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = s.hidden, G = kGates * H;
   const bool proj = w_hr.has_value();
@@ -284,6 +307,7 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
   p.d_gates = d_gates.data_ptr<scalar_t>();
   p.keep_h = zoneout_keep<acc_t>(zoneout);
   p.keep_c = zoneout_keep<acc_t>(zoneout_cell);
+  p.recurrent_mask = data_or_null<acc_t>(recurrent_mask);
   p.hidden = H;
 
   if (proj) {
@@ -325,7 +349,7 @@ Tensor lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s
   }
   // h0 reaches each row's first step through W_hh (the kernels zeroed the carry of every active row), and
   // directly with zoneout (the carry holds k_h dh of that step).
-  add_initial_state_grad(carry, d_gates, w_hh, schedule);
+  add_initial_state_grad(carry, d_gates, w_hh, schedule, recurrent_mask);
   return carry;
 }
 
@@ -333,11 +357,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& grad_cy_, const Tensor& input_,
     const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const OptTensor& w_hr_, const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse,
-    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell) {
+    std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& zoneout_cell,
+    const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::lstm_backward";
   const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
                                                 w_ih_, w_hh_, w_hr_, output_, gates_, cells_);
   check_lstm_zoneout(op, input_, s, w_hr_, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, w_hr_, recurrent_mask_);
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
   const auto [input, w_ih, w_hh, hx, w_hr, dtype, acc_dtype] = contiguous_inputs(input_, w_ih_, w_hh_, hx_, w_hr_);
@@ -357,11 +384,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor grad_h0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_lstm_backward_cuda", [&] {
     grad_h0 = lstm_backward_loop<scalar_t>(schedule, s, grad_out2d, grad_hy, gates, cells, cx, w_hh, w_hr, dc_state,
-                                           d_gates, d_proj, pre_proj, zoneout, zoneout_cell);
+                                           d_gates, d_proj, pre_proj, zoneout, zoneout_cell, recurrent_mask);
   });
 
   const auto x2d = input.view({s.rows, s.input_size});
-  const LayerGradArgs args{x2d, w_ih, output2d, hx, schedule, !batch_sizes.has_value(),
+  // dW_hh from the states as the product read them.
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options()};
   const auto g = lstm_layer_grads(args, d_gates, d_proj, pre_proj);
   return {g.input, grad_h0.to(dtype), dc_state.to(dtype), g.w_ih, g.w_hh, g.bias, g.w_hr};
