@@ -38,10 +38,17 @@ def _constructor_args(module):
     return args
 
 
+# gatedrnn's variants that change what a module computes (forget_bias only initialises, so it converts).
+_VARIANTS = ("zoneout", "zoneout_cell", "weight_dropout", "recurrent_dropout", "input_dropout")
+
+
 def _plan(module, table):
     """("swap", None), ("keep", None) for a module that already is of the target kind, ("skip", reason) for a
     recurrent module that cannot be swapped, or ("recurse", None) for anything else."""
     if type(module) in table:
+        in_use = [f"{name}={getattr(module, name)}" for name in _VARIANTS if getattr(module, name, 0)]
+        if in_use:  # only gatedrnn modules have these
+            return "skip", f"it uses {', '.join(in_use)}, which torch.nn has no equivalent for"
         return "swap", None
     if isinstance(module, tuple(table.values())):
         return "keep", None

@@ -61,19 +61,16 @@ def _check_lengths(lengths, input, batch_sizes, is_batched, batch_first):
     return lengths
 
 
+def _check_probability(name, p, meaning):
+    """A variant's probability argument (0: the variant is off), worded like torch.nn's check of dropout."""
+    if not isinstance(p, numbers.Number) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise ValueError(f"{name} should be a number in range [0, 1] representing the probability {meaning}, "
+                         f"got {p!r}")
+    return float(p)
+
+
 def _check_zoneout(name, p):
-    """zoneout, zoneout_cell: the probability that a unit keeps its previous value at a step (0: none)."""
-    if not isinstance(p, numbers.Number) or isinstance(p, bool) or not 0 <= p <= 1:
-        raise ValueError(f"{name} should be a number in range [0, 1] representing the probability that a unit "
-                         f"keeps its previous value, got {p!r}")
-    return float(p)
-
-
-def _check_probability(name, p, what):
-    if not isinstance(p, numbers.Number) or isinstance(p, bool) or not 0 <= p <= 1:
-        raise ValueError(f"{name} should be a number in range [0, 1] representing the probability of {what} being "
-                         f"zeroed, got {p!r}")
-    return float(p)
+    return _check_probability(name, p, "that a unit keeps its previous value")
 
 
 def _keep(p, training, input, size):
@@ -99,10 +96,11 @@ class _RNNBase(nn.Module):
         self.forget_bias = _check_forget_bias(forget_bias, bias)
         self.zoneout = _check_zoneout("zoneout", zoneout)
         self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
-        self.weight_dropout = _check_probability("weight_dropout", weight_dropout, "a recurrent weight")
+        self.weight_dropout = _check_probability("weight_dropout", weight_dropout, "of a recurrent weight being zeroed")
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
-                                                    "a unit of the recurrent state (per sequence)")
-        self.input_dropout = _check_probability("input_dropout", input_dropout, "an input feature (per sequence)")
+                                                    "of a unit of the recurrent state being zeroed (per sequence)")
+        self.input_dropout = _check_probability("input_dropout", input_dropout,
+                                                "of an input feature being zeroed (per sequence)")
         if proj_size > 0 and self.recurrent_dropout:
             raise ValueError("recurrent_dropout with proj_size is not supported: the fused kernels mask the state "
                              "the recurrence reads, which a projection changes")

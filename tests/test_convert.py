@@ -251,3 +251,13 @@ def test_bad_arguments():
         gatedrnn.convert(nn.LSTM(2, 3), to="cudnn")
     with pytest.raises(TypeError, match="expects an nn.Module"):
         gatedrnn.convert(copy)
+
+
+def test_variants_torch_nn_lacks_are_not_converted_back_silently():
+    """to="torch" would drop zoneout or dropout variants: such modules are left as they are and named;
+    forget_bias only initialises, so it converts."""
+    model = nn.Sequential(gatedrnn.LSTM(3, 4, zoneout=0.1), gatedrnn.GRU(4, 4, recurrent_dropout=0.2),
+                          gatedrnn.LSTM(4, 4, forget_bias=1.0))
+    with pytest.warns(UserWarning, match=r"0 \(it uses zoneout=0.1.*1 \(it uses recurrent_dropout=0.2"):
+        back = gatedrnn.convert(model, to="torch")
+    assert [type(m) for m in back] == [gatedrnn.LSTM, gatedrnn.GRU, nn.LSTM]
