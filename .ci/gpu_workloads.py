@@ -19,8 +19,12 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import gatedrnn  # noqa: E402
 
-# (mode, extra constructor arguments) for every CUDA op: LSTM, LSTM with projection, GRU.
-MODULES = [("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {})]
+# (mode, extra constructor arguments) for every CUDA op: LSTM, LSTM with projection, GRU; and the variants whose
+# kernel code differs (zoneout and recurrent dropout in the epilogues, the others around the kernels), which
+# the dense runs feed through lengths= (padded input run as packed).
+VARIANTS = {"zoneout": 0.2, "recurrent_dropout": 0.2, "input_dropout": 0.1, "weight_dropout": 0.2}
+MODULES = [("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {}), ("LSTM", dict(VARIANTS, zoneout_cell=0.2)),
+           ("GRU", VARIANTS)]
 
 
 def forward_backward(device, mode, kwargs, batch, dtype, steps=5, hidden=40, inputs=7, packed=True):
@@ -28,11 +32,12 @@ def forward_backward(device, mode, kwargs, batch, dtype, steps=5, hidden=40, inp
     and two K chunks; batch 3 and 40 take the 1- and 4-rows-per-thread kernels (40: two row blocks)."""
     module = getattr(gatedrnn, mode)(inputs, hidden, **kwargs).to(device, dtype)
     x = torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([steps] + [1 + k % steps for k in range(1, batch)])
     if packed:
-        lengths = torch.tensor([steps] + [1 + k % steps for k in range(1, batch)])
-        lengths = lengths.sort(descending=True).values
-        x_in = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        x_in = torch.nn.utils.rnn.pack_padded_sequence(x, lengths.sort(descending=True).values)
         out = module(x_in)[0].data
+    elif any(name in kwargs for name in VARIANTS):
+        out = module(x, lengths=lengths)[0]
     else:
         out = module(x)[0]
     out.float().square().sum().backward()
