@@ -63,11 +63,14 @@ def _define(op, ir, torch_op):
         rows = tensor.shape[0] // blocks
         return op.Concat(*[op.Slice(tensor, [k * rows], [(k + 1) * rows], [0]) for k in order], axis=0)
 
-    def refuse_what_has_no_node(batch_sizes, weight_hr=None, *zoneout):
+    def refuse_what_has_no_node(batch_sizes, weight_hr=None, zoneout=(), masks=()):
         # The modules refuse these before tracing; this guards the ops called directly, or traced by a
         # capture that does not run the modules' Python (a wrong graph must never come out).
         check_export(projection=weight_hr is not None, packed=batch_sizes is not None,
                      zoneout=any(z is not None for z in zoneout))
+        if any(m is not None for m in masks):
+            raise RuntimeError("gatedrnn: ONNX export of a layer with dropout masks (training mode) is not "
+                               "supported: export the model in evaluation mode (model.eval())")
 
     def bias(b_ih, b_hh, blocks, order):
         if b_ih is None:
@@ -94,8 +97,10 @@ def _define(op, ir, torch_op):
     @torch_op("gatedrnn::lstm_forward", trace_only=True)
     def gatedrnn_lstm_forward(input, batch_sizes=None, hx=None, cx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                               bias_hh=None, weight_hr=None, reverse: bool = False, save_for_backward: bool = False,
-                              lengths=None, zoneout=None, zoneout_cell=None):
-        refuse_what_has_no_node(batch_sizes, weight_hr, zoneout, zoneout_cell)
+                              lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None,
+                              recurrent_mask=None, input_mask=None):
+        refuse_what_has_no_node(batch_sizes, weight_hr, (zoneout, zoneout_cell),
+                                (weight_hh_mask, recurrent_mask, input_mask))
         hidden = weight_hh.shape[1]
         order = (0, 3, 1, 2)  # torch i, f, g, o -> ONNX i, o, f, c
         y, y_h, y_c = op.LSTM(input, op.Unsqueeze(reorder(weight_ih, 4, order), [0]),
@@ -109,8 +114,8 @@ def _define(op, ir, torch_op):
     @torch_op("gatedrnn::gru_forward", trace_only=True)
     def gatedrnn_gru_forward(input, batch_sizes=None, hx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                              bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None,
-                             zoneout=None):
-        refuse_what_has_no_node(batch_sizes, None, zoneout)
+                             zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+        refuse_what_has_no_node(batch_sizes, None, (zoneout,), (weight_hh_mask, recurrent_mask, input_mask))
         hidden = weight_hh.shape[1]
         order = (1, 0, 2)  # torch r, z, n -> ONNX z, r, h
         y, y_h = op.GRU(input, op.Unsqueeze(reorder(weight_ih, 3, order), [0]),

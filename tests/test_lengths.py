@@ -255,3 +255,18 @@ def test_ops_refuse_bad_lengths_and_states():
     with pytest.raises(RuntimeError, match="saved activations have the wrong size for padded input"):
         torch.ops.gatedrnn.lstm_backward(out, hy, cy, x, None, h0, c0, w_ih, w_hh, None, out, gates[:-1], cells,
                                          False, [True, True, True], lengths)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_padding_is_never_read(mode):
+    """What lies past a sequence's length (NaN here) reaches neither the outputs nor any gradient: the ops
+    run the packed rows only."""
+    module = getattr(gatedrnn, mode)(I, H, bidirectional=True)
+    x = torch.randn(T, B, I)
+    x[torch.arange(T).unsqueeze(1) >= torch.tensor(LENGTHS)] = float("nan")
+    x.requires_grad_()
+    output, state = module(x, lengths=torch.tensor(LENGTHS))
+    states = list(state) if isinstance(state, tuple) else [state]
+    assert all(torch.isfinite(t).all() for t in [output, *states])
+    (output.sum() + sum(s.sum() for s in states)).backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in module.parameters())

@@ -176,3 +176,22 @@ def test_export_without_the_translations_says_why(monkeypatch):
     monkeypatch.setattr(_onnx, "_unavailable", "onnxscript is not installed (pip install onnxscript)")
     with pytest.raises(RuntimeError, match="ONNX export is unavailable: onnxscript is not installed"):
         _onnx.check_export()
+
+
+def test_dropout_variants_export_in_evaluation_mode_only(tmp_path):
+    """In evaluation the dropout variants are off, so the layer exports as the plain node and ONNX Runtime gives
+    the plain layer's results; in training their masks have no ONNX equivalent and the export is refused."""
+    torch.manual_seed(0)
+    ours = gatedrnn.GRU(5, 8, weight_dropout=0.3, recurrent_dropout=0.3, input_dropout=0.3).eval()
+    reference = torch.nn.GRU(5, 8).eval()
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 5)
+    _, session = _export(ours, (x,), ({0: Dim("steps"), 1: Dim("batch")},), tmp_path / "gru.onnx")
+    x = torch.randn(4, 2, 5)
+    actual = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = reference(x)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match="dropout masks"):
+        torch.onnx.export(ours.train(), (x,), dynamo=True)
