@@ -35,8 +35,8 @@ inline at::Tensor dropped_input(const char* op, const at::Tensor& input, const O
   if (!mask.has_value()) return input;
   TORCH_CHECK(input.dim() == (batch_sizes.has_value() ? 2 : 3), op, ": input must be ",
               batch_sizes.has_value() ? "2-D (packed)" : "3-D (dense)", ", but got ", input.dim(), "-D");
-  const int64_t batch = batch_sizes.has_value() ? (batch_sizes->numel() ? batch_sizes->select(0, 0).item<int64_t>() : 0)
-                                                 : input.size(1);
+  int64_t batch = input.size(1);  // dense [T, B, I]
+  if (batch_sizes.has_value()) batch = batch_sizes->numel() ? batch_sizes->select(0, 0).item<int64_t>() : 0;
   check_sequence_mask(op, input, mask, input.scalar_type(), batch, input.size(-1), "input_mask");
   return times_sequence_rows(input.reshape({-1, input.size(-1)}), *mask, batch_sizes).view(input.sizes());
 }
@@ -52,8 +52,9 @@ inline at::Tensor undropped_grad(const at::Tensor& grad, const OptTensor& mask) 
   return mask.has_value() && grad.numel() > 0 ? grad * *mask : grad;
 }
 
-// The device implementations' signatures: the ops' without `lengths` and `weight_hh_mask`, and the forward with
-// one more argument, the number of rows to allocate for saved activations (0: as many as the input has).
+// The device implementations' signatures: the ops' without `lengths`, `weight_hh_mask` and `input_mask`, and the
+// forward with one more argument, the number of rows to allocate for saved activations (0: as many as the input
+// has).
 using LstmForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LstmForward = LstmForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,

@@ -144,7 +144,10 @@ inline std::optional<at::Tensor> packed_order(const char* op, const PackedPlan& 
 
 // Optional per-row tensors (zoneout keep values [T * B, H]) in the packed row order.
 inline OptTensor gather_packed(const PackedPlan& p, const OptTensor& padded) {
-  return padded.has_value() ? OptTensor(gather_packed(p, *padded)) : padded;
+  if (!padded.has_value()) return padded;
+  // Evaluation's zoneout keeps p broadcast (row stride 0): its first N rows are the packed rows, no copy.
+  if (padded->dim() == 2 && padded->stride(0) == 0) return padded->narrow(0, 0, p.packed_rows);
+  return gather_packed(p, *padded);
 }
 
 }  // namespace gatedrnn
