@@ -73,6 +73,15 @@ def _check_zoneout(name, p):
     return _check_probability(name, p, "that a unit keeps its previous value")
 
 
+def _variant_repr(module):
+    """The extra_repr part of the variants beyond torch.nn that a layer or cell sets (none: torch.nn's repr)."""
+    s = ", forget_bias={forget_bias}" if module.forget_bias is not None else ""
+    for name in ("zoneout", "zoneout_cell", "weight_dropout", "recurrent_dropout", "input_dropout"):
+        if getattr(module, name, 0):
+            s += f", {name}={{{name}}}"
+    return s
+
+
 def _keep(p, training, input, size):
     """A cell's zoneout keep values for one step ([B, size]), or None."""
     return _ops.zoneout_keep(p, training, input.unsqueeze(0), size)
@@ -200,16 +209,7 @@ class _RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        if self.forget_bias is not None:
-            s += ", forget_bias={forget_bias}"
-        if self.zoneout:
-            s += ", zoneout={zoneout}"
-        if self.zoneout_cell:
-            s += ", zoneout_cell={zoneout_cell}"
-        for name in ("weight_dropout", "recurrent_dropout", "input_dropout"):
-            if getattr(self, name):
-                s += f", {name}={{{name}}}"
-        return s.format(**self.__dict__)
+        return (s + _variant_repr(self)).format(**self.__dict__)
 
     # ----------------------------------------------------------------------------- torch.nn's checks
     def check_input(self, input, batch_sizes):
@@ -429,13 +429,7 @@ class _CellBase(nn.Module):
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
-        if self.forget_bias is not None:
-            s += ", forget_bias={forget_bias}"
-        if self.zoneout:
-            s += ", zoneout={zoneout}"
-        if self.zoneout_cell:
-            s += ", zoneout_cell={zoneout_cell}"
-        return s.format(**self.__dict__)
+        return (s + _variant_repr(self)).format(**self.__dict__)
 
     def reset_parameters(self):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
