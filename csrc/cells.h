@@ -199,4 +199,43 @@ GATEDRNN_HD acc_t gru_backward(const GruGates<acc_t>& a, acc_t h_prev, acc_t dh,
   return dh * a.z;
 }
 
+// ---------------------------------------------------------------- GRU, reset before the product
+// reset_after=False (Cho et al. 2014; Keras' reset_after=False, ONNX's linear_before_reset=0): the reset gate
+// multiplies h_{t-1} before W_hn, so a step has two dependent products:
+//   [r, z] = sigmoid(W_i[rz] x + b_i[rz] + W_h[rz] h_{t-1} + b_h[rz])       (the first, over W_hh's r and z rows)
+//   n      = tanh(W_in x + b_in + W_hn (r * h_{t-1}) + b_hn)                  (the second, over W_hn)
+//   h_t    = (1 - z) * n + z * h_{t-1}
+// With recurrent dropout both products read h_{t-1} * mask (the second r * h_{t-1} * mask, as Keras does).
+// Saved for backward per hidden unit: r, z, n and rh = r * h_{t-1} as the second product read it (the operand
+// of W_hn's gradient).
+//
+// Backward, in the same two phases, reversed. The first gets dh (the output's gradient, the carry and the
+// [dr, dz] of the next step through W_h[rz]) and gives dz, dn and the direct part dh * z reaching h_{t-1};
+// the second gets d(rh) = dn @ W_hn and gives dr and the part d(rh) * r reaching h_{t-1} (times the mask).
+template <typename acc_t>
+GATEDRNN_HD acc_t gru_reset_before_candidate(acc_t gi_n, acc_t gh_n) {
+  return tanh_(gi_n + gh_n);  // gh_n = W_hn (r * h_{t-1}) + b_hn
+}
+
+template <typename acc_t>
+struct GruUpdateGrads {
+  acc_t z, n;
+};
+
+// Phase one of the backward: the pre-activation gradients of z and n from dh, the gradient reaching h_t.
+// Returns the direct part of the gradient reaching h_{t-1} (z * dh).
+template <typename acc_t>
+GATEDRNN_HD acc_t gru_reset_before_update_backward(acc_t z, acc_t n, acc_t h_prev, acc_t dh, GruUpdateGrads<acc_t>& d) {
+  d.n = dh * (acc_t(1) - z) * (acc_t(1) - n * n);
+  d.z = dh * (h_prev - n) * z * (acc_t(1) - z);
+  return dh * z;
+}
+
+// Phase two: r's pre-activation gradient from d(rh) = dn @ W_hn, h_read being h_{t-1} as the product read it
+// (times the recurrent mask, if any). The gradient reaching h_read is d(rh) * r.
+template <typename acc_t>
+GATEDRNN_HD acc_t gru_reset_before_reset_backward(acc_t r, acc_t h_read, acc_t d_rh) {
+  return d_rh * h_read * r * (acc_t(1) - r);
+}
+
 }  // namespace gatedrnn

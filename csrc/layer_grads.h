@@ -108,8 +108,11 @@ struct GruGrads {
 
 // d_gates: [N, 4H] = [dr, dz, dhn, dn]. The r and z gradients are the same on the input and the hidden
 // side, so the hidden side's [dr, dz, dhn] are columns [0, 3H) and the input side's [dr, dz, dn] are columns
-// [0, 2H) and [3H, 4H).
-inline GruGrads gru_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates) {
+// [0, 2H) and [3H, 4H). With reset_after=False (cells.h) dhn is dn, and `reset_hidden` ([N, H], any row
+// stride) holds r * h_{t-1} of every row as W_hn's product read it: W_hh's n rows get dn^T @ reset_hidden
+// instead of dn^T @ h_{t-1}. Undefined for the plain GRU.
+inline GruGrads gru_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates,
+                                const at::Tensor& reset_hidden = at::Tensor()) {
   const auto [want_input, want_weights, want_bias] = a.output_mask;
   const auto dtype = a.storage.dtype();
   const int64_t H = d_gates.size(1) / 4;
@@ -126,9 +129,14 @@ inline GruGrads gru_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gate
     a.matmul(grad_w_ih_rz, d_rz.t(), a.x2d, false);
     a.matmul(grad_w_ih_n, d_n.t(), a.x2d, false);
     g.w_ih = grad_w_ih.to(dtype);
-    g.w_hh =
-        recurrent_weight_grad(a.matmul, d_gates.narrow(1, 0, 3 * H), a.output2d, a.h0, a.schedule, a.dense, a.reverse)
-            .to(dtype);
+    const int64_t read_h = reset_hidden.defined() ? 2 * H : 3 * H;  // W_hh's rows that read h_{t-1}
+    auto grad_w_hh =
+        recurrent_weight_grad(a.matmul, d_gates.narrow(1, 0, read_h), a.output2d, a.h0, a.schedule, a.dense, a.reverse);
+    if (reset_hidden.defined()) {
+      const auto rh = reset_hidden.to(d_gates.scalar_type());
+      grad_w_hh = at::cat({grad_w_hh, product(a.matmul, d_gates.narrow(1, 2 * H, H).t(), rh)});
+    }
+    g.w_hh = grad_w_hh.to(dtype);
   }
   if (want_bias) {
     const auto sums = d_gates.sum(0);

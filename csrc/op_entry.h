@@ -54,7 +54,7 @@ inline at::Tensor undropped_grad(const at::Tensor& grad, const OptTensor& mask) 
 
 // The device implementations' signatures: the ops' without `lengths`, `weight_hh_mask` and `input_mask`, and the
 // forward with one more argument, the number of rows to allocate for saved activations (0: as many as the input
-// has).
+// has), before the GRU's reset_after.
 using LstmForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LstmForward = LstmForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
@@ -70,12 +70,12 @@ using LstmBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&
 using GruForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GruForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool,
-                                        const OptTensor&, const OptTensor&, int64_t);
+                                        const OptTensor&, const OptTensor&, int64_t, bool);
 using GruBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using GruBackward = GruBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
-                                          const OptTensor&);
+                                          const OptTensor&, bool);
 
 template <LstmForward Impl>
 LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
@@ -137,18 +137,20 @@ GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_
                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                                 const OptTensor& b_hh, bool reverse, bool save, const OptTensor& lengths,
                                 const OptTensor& zoneout, const OptTensor& weight_hh_mask,
-                                const OptTensor& recurrent_mask, const OptTensor& input_mask) {
+                                const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
-    return Impl(x_run, batch_sizes, hx, w_ih, w_hh_run, b_ih, b_hh, reverse, save, zoneout, recurrent_mask, 0);
+    return Impl(x_run, batch_sizes, hx, w_ih, w_hh_run, b_ih, b_hh, reverse, save, zoneout, recurrent_mask, 0,
+                reset_after);
   }
   const PackedPlan& p = *plan;
   auto [output, hy, saved] =
       Impl(gather_packed(p, x_run), p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih, w_hh_run, b_ih, b_hh,
-           reverse, save, gather_packed(p, zoneout), packed_order(op, p, recurrent_mask), p.steps * p.batch);
+           reverse, save, gather_packed(p, zoneout), packed_order(op, p, recurrent_mask), p.steps * p.batch,
+           reset_after);
   return {scatter_padded(p, output), to_padded_order(p, hy), saved};
 }
 
@@ -158,14 +160,14 @@ GruBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved,
                                   bool reverse, std::array<bool, 3> output_mask, const OptTensor& lengths,
                                   const OptTensor& zoneout, const OptTensor& weight_hh_mask,
-                                  const OptTensor& recurrent_mask, const OptTensor& input_mask) {
+                                  const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
     auto grads = Impl(grad_output, grad_hy, x_run, batch_sizes, hx, w_ih, w_hh_run, output, saved, reverse,
-                      output_mask, zoneout, recurrent_mask);
+                      output_mask, zoneout, recurrent_mask, reset_after);
     std::get<0>(grads) = undropped_input_grad(std::get<0>(grads), batch_sizes, input_mask);
     std::get<3>(grads) = undropped_grad(std::get<3>(grads), weight_hh_mask);
     return grads;
@@ -175,7 +177,7 @@ GruBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tenso
       Impl(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"), gather_packed(p, x_run),
            p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih, w_hh_run, gather_packed(p, output),
            packed_saved(op, p, saved), reverse, output_mask, gather_packed(p, zoneout),
-           packed_order(op, p, recurrent_mask));
+           packed_order(op, p, recurrent_mask), reset_after);
   return {undropped_input_grad(padded_grad(p, d_input), batch_sizes, input_mask), to_padded_order(p, d_hx), d_w_ih,
           undropped_grad(d_w_hh, weight_hh_mask), d_b_ih, d_b_hh};
 }

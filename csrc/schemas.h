@@ -5,8 +5,9 @@
 // [T, B, I]; packed input is [N, I] with `batch_sizes` (a PackedSequence's). Weights are passed exactly as
 // torch.nn stores them. Dense input may come with `lengths`, one per batch row (padded.h). `zoneout` and
 // `zoneout_cell` are keep values [rows, state] (cells.h), `weight_hh_mask` a DropConnect mask like weight_hh
-// (op_entry.h), `recurrent_mask` [B, state] and `input_mask` [B, input_size] per-sequence dropout masks; a
-// backward op gets the same ones as its forward. The forward returns, besides output and final state, the
+// (op_entry.h), `recurrent_mask` [B, state] and `input_mask` [B, input_size] per-sequence dropout masks; the
+// GRU's `reset_after` False is Cho et al.'s original cell (cells.h). A backward op gets the same ones as its
+// forward. The forward returns, besides output and final state, the
 // activations its backward needs (empty tensors when save_for_backward is false). The backward ops compute the
 // gradients of the initial state always and, as output_mask says, those of the input, the weights and the
 // biases; the gradients not asked for (and those of absent biases or projections) come back as empty tensors.
@@ -34,13 +35,14 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "gru_forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool save_for_backward, Tensor? lengths=None, "
-      "Tensor? zoneout=None, Tensor? weight_hh_mask=None, Tensor? recurrent_mask=None, Tensor? input_mask=None) "
+      "Tensor? zoneout=None, Tensor? weight_hh_mask=None, Tensor? recurrent_mask=None, Tensor? input_mask=None, "
+      "bool reset_after=True) "
       "-> (Tensor output, Tensor hy, Tensor saved)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor? batch_sizes, Tensor hx, "
       "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor saved, bool reverse, bool[3] output_mask, "
       "Tensor? lengths=None, Tensor? zoneout=None, Tensor? weight_hh_mask=None, Tensor? recurrent_mask=None, "
-      "Tensor? input_mask=None) "
+      "Tensor? input_mask=None, bool reset_after=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh)");
 }

@@ -56,7 +56,9 @@ def kernel_calls():
     """How often each CPU tile kernel has run in this process: {label: calls}, where one call is one thread's
     share of one step (or of one chunk's input projection, or one post-loop product). Labels:
     lstm_forward_step, lstm_backward_step, lstm_input_projection, lstm_projection, lstm_backward_projection,
-    gru_forward_step, gru_backward_step, gru_input_projection, matmul, and the bfloat16 tiles'
+    gru_forward_step, gru_backward_step, gru_input_projection, the reset_after=False GRU's
+    gru_reset_before_gates_step, gru_reset_before_candidate_step, gru_reset_before_backward_step,
+    gru_reset_before_reset_backward_step, gru_reset_before_input_projection, matmul, and the bfloat16 tiles'
     lstm_forward_step_bf16, lstm_input_projection_bf16, gru_forward_step_bf16, gru_input_projection_bf16. The
     tests read it to prove the fused step kernels ran."""
     return dict(_C.kernel_calls())

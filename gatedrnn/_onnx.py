@@ -6,7 +6,8 @@ which the exporter reads before it traces. `import gatedrnn` therefore adds gate
 registry when onnxscript is installed (it is what the exporter itself needs), so a plain torch.onnx.export
 call needs nothing more. Each translation is one ONNX node with torch.nn's semantics: the LSTM's gates
 reordered from torch's i, f, g, o to ONNX's i, o, f, c; the GRU's from r, z, n to z, r, h, with
-linear_before_reset=1 (torch's GRU applies the reset gate after W_hn h + b_hn). Batch and sequence length
+linear_before_reset=1 (torch's GRU applies the reset gate after W_hn h + b_hn), or 0 for reset_after=False
+(the reset gate multiplies h before W_hn: ONNX's default GRU). Batch and sequence length
 stay dynamic. Padded input with `lengths` becomes the node's sequence_lens, which has the same meaning (zero
 outputs past a sequence's length, final states from its own last step, reverse from its own last element).
 Projections and packed input have no standard node: the modules refuse them by name when they
@@ -114,7 +115,8 @@ def _define(op, ir, torch_op):
     @torch_op("gatedrnn::gru_forward", trace_only=True)
     def gatedrnn_gru_forward(input, batch_sizes=None, hx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                              bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None,
-                             zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+                             zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None,
+                             reset_after: bool = True):
         refuse_what_has_no_node(batch_sizes, None, (zoneout,), (weight_hh_mask, recurrent_mask, input_mask))
         hidden = weight_hh.shape[1]
         order = (1, 0, 2)  # torch r, z, n -> ONNX z, r, h
@@ -122,6 +124,6 @@ def _define(op, ir, torch_op):
                         op.Unsqueeze(reorder(weight_hh, 3, order), [0]), bias(bias_ih, bias_hh, 3, order),
                         sequence_lens(lengths),
                         op.Unsqueeze(hx, [0]), direction="reverse" if reverse else "forward", hidden_size=hidden,
-                        linear_before_reset=1)
+                        linear_before_reset=1 if reset_after else 0)
         hy = op.Squeeze(y_h, [0])
         return op.Squeeze(y, [1]), hy, saved(input, hy, 4 * hidden, save_for_backward)

@@ -72,7 +72,8 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, c
 
 @torch.library.register_fake("gatedrnn::gru_forward")
 def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward,
-                      lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+                      lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None,
+                      reset_after=True):
     hidden = weight_ih.shape[0] // 3
     saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
@@ -82,7 +83,7 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
                        output_mask, lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None,
-                       input_mask=None):
+                       input_mask=None, reset_after=True):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if want_bias else (0,)
@@ -164,6 +165,9 @@ torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_
 
 def _gru_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save, *options = inputs
+    options, flags = options[:len(_GRU_OPTIONS)], options[len(_GRU_OPTIONS):]
+    options += [None] * (len(_GRU_OPTIONS) - len(options))  # the defaults, when the call left them out
+    ctx.reset_after = flags[0] if flags else True
     out, _, saved = output
     ctx.reverse = reverse
     ctx.saved_forward = save
@@ -178,13 +182,13 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, *options = ctx.saved_tensors
-    options = dict(zip(_GRU_OPTIONS, options))
+    options = dict(zip(_GRU_OPTIONS, options), reset_after=ctx.reset_after)
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import gru_layer
         return _differentiable_backward(
             lambda *args, **options: gru_layer(*args[:-1], None, args[-1], **options),
             [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse,
-            options, (grad_output, grad_hy), extra_inputs=2 + len(_GRU_OPTIONS))
+            options, (grad_output, grad_hy), extra_inputs=3 + len(_GRU_OPTIONS))
     needs = ctx.needs_input_grad  # an absent bias never needs a gradient
     want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
     d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
@@ -192,7 +196,7 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], **options)
     return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
-            None, *[None] * len(_GRU_OPTIONS))
+            None, *[None] * len(_GRU_OPTIONS), None)  # ... the options, reset_after
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
@@ -336,10 +340,11 @@ def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_h
 
 
 def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True):
     """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None;
     weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None; recurrent_mask, input_mask: variational
-    dropout masks (sequence_dropout_mask) or None."""
+    dropout masks (sequence_dropout_mask) or None; reset_after=False: Cho et al.'s GRU, the reset gate applied
+    to h_{t-1} before W_hn."""
     _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                    zoneout=zoneout, weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask,
                    input_mask=input_mask)
@@ -350,5 +355,5 @@ def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, re
                                            _keep_for(zoneout, dtype or input.dtype),
                                            _mask_for(weight_hh_mask, dtype or input.dtype),
                                            _keep_for(recurrent_mask, dtype or input.dtype),
-                                           _mask_for(input_mask, dtype or input.dtype))
+                                           _mask_for(input_mask, dtype or input.dtype), reset_after)
     return output, hy

@@ -11,6 +11,8 @@ its outputs past that are zero and its final state is its own last step's (as if
 flat list torch.nn's RNN modules keep (``_flat_weights``): for each layer, for each direction, weight_ih,
 weight_hh, then bias_ih, bias_hh if `bias`, then weight_hr if projecting.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -90,9 +92,11 @@ def gru_over(layer_fn):
     """A multi-layer GRU built on `layer_fn` (one layer and direction -> (output, hy))."""
 
     def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
-            training=False, lengths=None, zoneout=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
-        """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does."""
-        output, (hy,) = run_layers(layer_fn, input, batch_sizes, (hx,), weights, bias=bias, proj=False,
+            training=False, lengths=None, zoneout=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0,
+            reset_after=True):
+        """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does. reset_after=False
+        is Cho et al.'s GRU (Keras' reset_after=False): the reset gate multiplies h_{t-1} before W_hn."""
+        output, (hy,) = run_layers(functools.partial(layer_fn, reset_after=reset_after), input, batch_sizes, (hx,), weights, bias=bias, proj=False,
                                    num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
                                    training=training, lengths=lengths, zoneout=(zoneout,),
                                    weight_dropout=weight_dropout, recurrent_dropout=recurrent_dropout,
@@ -108,8 +112,9 @@ def _lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, revers
                            **masks)
 
 
-def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None,), **masks):
-    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths, *zoneout, **masks)
+def _gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=(None,),
+               **options):
+    return _ops.gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, reverse, lengths, *zoneout, **options)
 
 
 lstm = lstm_over(_lstm_layer)

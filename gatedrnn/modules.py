@@ -79,7 +79,17 @@ def _variant_repr(module):
     for name in ("zoneout", "zoneout_cell", "weight_dropout", "recurrent_dropout", "input_dropout"):
         if getattr(module, name, 0):
             s += f", {name}={{{name}}}"
+    if getattr(module, "reset_after", True) is False:
+        s += ", reset_after=False"
     return s
+
+
+def _check_reset_after(reset_after):
+    """reset_after (GRU only): True is torch.nn's GRU (the reset gate multiplies W_hn h + b_hn); False is Cho et
+    al.'s original GRU and Keras' reset_after=False (the reset gate multiplies h before W_hn)."""
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
+    return reset_after
 
 
 def _keep(p, training, input, size):
@@ -278,7 +288,7 @@ class _RNNBase(nn.Module):
                                              zoneout_cell=self.zoneout_cell, **kwargs)
         else:
             output, hy = functional.gru(input, batch_sizes, *states, self._flat_weights, zoneout=self.zoneout,
-                                        **kwargs)
+                                        reset_after=self.reset_after, **kwargs)
             finals = (hy,)
         if batch_sizes is None and self.batch_first:
             output = output.transpose(0, 1)
@@ -356,15 +366,17 @@ class LSTM(_RNNBase):
 
 
 class GRU(_RNNBase):
-    """Drop-in replacement for torch.nn.GRU (same arguments, parameters, inputs and outputs)."""
+    """Drop-in replacement for torch.nn.GRU (same arguments, parameters, inputs and outputs). reset_after=False
+    (a keyword argument) runs Cho et al.'s GRU on the same parameters."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reset_after=True, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if "forget_bias" in kwargs:
             raise TypeError("forget_bias is an LSTM argument: a GRU has no forget gate")
         if "zoneout_cell" in kwargs:
             raise TypeError("zoneout_cell is an LSTM argument: a GRU has no cell state (use zoneout)")
+        self.reset_after = _check_reset_after(reset_after)
         super().__init__("GRU", *args, **kwargs)
 
     def check_forward_args(self, input, hidden, batch_sizes):
@@ -507,7 +519,8 @@ class LSTMCell(_CellBase):
 class GRUCell(_CellBase):
     """Drop-in replacement for torch.nn.GRUCell: one step, run by the fused GRU op with T = 1."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, zoneout=0.0):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, zoneout=0.0, reset_after=True):
+        self.reset_after = _check_reset_after(reset_after)
         super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype, zoneout=zoneout)
 
     def forward(self, input, hx=None):
@@ -528,5 +541,6 @@ class GRUCell(_CellBase):
         if torch.onnx.is_in_onnx_export():
             _onnx.check_export(zoneout=bool(self.zoneout))
         _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                               self.bias_hh, False, None, _keep(self.zoneout, self.training, input, self.hidden_size))
+                               self.bias_hh, False, None, _keep(self.zoneout, self.training, input, self.hidden_size),
+                               reset_after=self.reset_after)
         return hy if is_batched else hy.squeeze(0)

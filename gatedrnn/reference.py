@@ -88,19 +88,26 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None,
     return h_new, h_new, c_new
 
 
-def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None, recurrent_mask=None, input_mask=None):
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None, recurrent_mask=None, input_mask=None,
+             reset_after=True):
     """One GRU step: returns (output, h'); output == h'. The dropout masks multiply x and h where they enter
-    their products (h itself, in z * h, stays unmasked, as in Keras)."""
+    their products (h itself, in z * h, stays unmasked, as in Keras). reset_after=False: Cho et al.'s GRU,
+    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)."""
     gi = _times(x, input_mask) @ w_ih.t()
-    gh = _times(h, recurrent_mask) @ w_hh.t()
+    h_read = _times(h, recurrent_mask)
+    w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
+    gh_rz = h_read @ torch.cat([w_hr, w_hz]).t()
     if b_ih is not None:
         gi = gi + b_ih
-        gh = gh + b_hh
+        gh_rz = gh_rz + b_hh[:2 * h.shape[-1]]
     i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    h_r, h_z = gh_rz.chunk(2, dim=1)
     r = torch.sigmoid(i_r + h_r)
     z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
+    h_n = (h_read if reset_after else r * h_read) @ w_hn.t()
+    if b_ih is not None:
+        h_n = h_n + b_hh[2 * h.shape[-1]:]
+    n = torch.tanh(i_n + (r * h_n if reset_after else h_n))
     h = _zoneout(keep, h, (1 - z) * n + z * h)
     return h, h
 
@@ -131,7 +138,7 @@ def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
 
 
 def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
     if weight_hh_mask is not None:
@@ -141,7 +148,7 @@ def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, len
         masks = iter(sequences)
         h_mask = next(masks) if recurrent_mask is not None else None
         x_mask = next(masks) if input_mask is not None else None
-        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None, h_mask, x_mask)
+        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None, h_mask, x_mask, reset_after)
 
     output, (hy,) = _run_steps(input, batch_sizes, (hx,), step, reverse, lengths, _present(zoneout),
                                _present(recurrent_mask, input_mask))
@@ -152,8 +159,8 @@ def _lstm_layer(*args, reverse, lengths=None, zoneout=(None, None), **masks):
     return lstm_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], zoneout_cell=zoneout[1], **masks)
 
 
-def _gru_layer(*args, reverse, lengths=None, zoneout=(None,), **masks):
-    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], **masks)
+def _gru_layer(*args, reverse, lengths=None, zoneout=(None,), **options):
+    return gru_layer(*args, reverse, lengths=lengths, zoneout=zoneout[0], **options)
 
 
 lstm = lstm_over(_lstm_layer)  # reference for gatedrnn.functional.lstm

@@ -15,7 +15,8 @@ import torch
 from torch.utils.cpp_extension import load
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "tests" / "cuda_emulation" / name for name in ("library.cpp", "lstm.cpp", "gru.cpp")]
+SOURCES = [ROOT / "tests" / "cuda_emulation" / name
+           for name in ("library.cpp", "lstm.cpp", "gru.cpp", "gru_reset_before.cpp")]
 T, I = 6, 5
 
 _SANITIZER_FLAGS = {

@@ -7,6 +7,7 @@
 // place with what backward needs. Backward: a tile computes [dr, dz, dhn]_{t+1} @ W_hh for 4L hidden units
 // and runs step t's derivative on it; a per-(row, unit) carry holds the direct part dh * z. Weight, bias and
 // input gradients are single GEMMs/reductions after the loop. One team of threads runs a whole loop.
+// reset_after=False (Cho et al.'s GRU) runs its own loops, gru_reset_before.cpp, from the same ops.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include "loops.h"
 #include "matmul.h"
 #include "bf16.h"
+#include "gru_reset_before.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -189,15 +191,16 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
                                                    const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                    const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
                                                    bool save, const OptTensor& zoneout,
-                                                   const OptTensor& recurrent_mask_, int64_t saved_rows) {
+                                                   const OptTensor& recurrent_mask_, int64_t saved_rows,
+                                                   bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
   check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   // bfloat16 inference on the bfloat16 tiles (bf16.h): x, h and the weights stay bfloat16, the projection
-  // buffer and the biases are float32. Otherwise everything in the compute dtype.
-  const bool bf16 = input_.scalar_type() == at::kBFloat16 && !save && bf16_tiles_available();
+  // buffer and the biases are float32. Otherwise (reset_after=False included) everything in the compute dtype.
+  const bool bf16 = input_.scalar_type() == at::kBFloat16 && !save && reset_after && bf16_tiles_available();
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto kept = bf16 ? at::kBFloat16 : dtype;  // the dtype of x, h and the weights in the loop
   const auto input = to_compute(input_, kept), w_ih = to_compute(w_ih_, kept), w_hh = to_compute(w_hh_, kept);
@@ -215,12 +218,18 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   if (save) saved_kept.narrow(0, s.rows, saved_kept.size(0) - s.rows).zero_();  // rows no step writes: deterministic
   OptTensor bias_input;
   if (b_ih.has_value()) {
-    // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r.
-    bias_input = *b_ih + at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())});
+    // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r, unless the reset
+    // comes before the product.
+    bias_input = reset_after ? *b_ih + at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())})
+                             : *b_ih + *b_hh;
   }
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  if (!reset_after) {
+    gru_reset_before_forward(schedule, s, x2d, w_ih, w_hh, bias_input, h0, saved, output2d, hy, save, zoneout,
+                             recurrent_mask);
+  } else
 #ifdef GATEDRNN_HAVE_BF16_TILES
   if (bf16) {
     gru_forward_loop<float, c10::BFloat16>(schedule, s, x2d, w_ih, w_hh, bias_input, b_hh, h0, saved, output2d,
@@ -348,7 +357,8 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_,
+    bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
@@ -366,19 +376,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, kGradCols * H}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
-    gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout,
-                                recurrent_mask);
-  });
-  // dh0 = its direct part (left in the carry by each row's first step) + [dr, dz, dhn] of that step @ W_hh
-  add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, kGates * H), w_hh, recurrent_mask);
+  // The rows of W_hh that multiply h_{t-1} itself: all three, or only r's and z's when the reset comes first.
+  const int64_t read_h = reset_after ? kGates * H : 2 * H;
+  if (reset_after) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_backward_cpu", [&] {
+      gru_backward_loop<scalar_t>(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout,
+                                  recurrent_mask);
+    });
+  } else {
+    gru_reset_before_backward(schedule, s, grad_out2d, saved, output2d, hx, w_hh, d_gates, dh, zoneout,
+                              recurrent_mask);
+  }
+  // dh0 = its direct part (left in the carry by each row's first step) + that step's gradients @ those rows
+  add_initial_state_grad(dh, schedule, d_gates.narrow(1, 0, read_h), w_hh.narrow(0, 0, read_h), recurrent_mask);
 
   const auto x2d = input.view({s.rows, s.input_size});
   // dW_hh from the states as the product read them.
   const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
   const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
-  const auto g = gru_layer_grads(args, d_gates);
+  const auto g = gru_layer_grads(args, d_gates, reset_after ? Tensor() : saved.narrow(1, 3 * H, H));
   return {g.input, dh.to(input_.scalar_type()), g.w_ih, g.w_hh, g.b_ih, g.b_hh};
 }
 

@@ -6,7 +6,8 @@
 // recurrent side (n needs r * (W_hn h + b_hn)). Backward: per step one launch of gru_backward_step, which
 // computes [dr, dz, dhn]_{t+1} @ W_hh for its units, adds the direct part dh_{t+1} * z_{t+1} and the output
 // gradient, and applies the pointwise derivative; input, weight and bias gradients after the loop
-// (layer_grads.h). No allocation, host synchronisation or atomics inside the loop.
+// (layer_grads.h). No allocation, host synchronisation or atomics inside the loop. reset_after=False (Cho et
+// al.'s GRU) runs its own loops, gru_reset_before.cu, from the same ops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +21,7 @@
 #include "../layer_grads.h"
 #include "../op_entry.h"
 #include "../sequence.h"
+#include "gru_reset_before.h"
 #include "launch.h"
 #include "platform.h"
 #include "step_tile.cuh"
@@ -54,13 +56,6 @@ struct GruForwardStep {
   int64_t hidden;
   Step step;  // this step's rows (sequence.h)
 };
-
-// h_{t-1} of batch row b: the previous step's output row, or h0 for a row's first step.
-template <typename scalar_t>
-__device__ __forceinline__ const scalar_t* previous_state(const scalar_t* output, const scalar_t* h0, int64_t b,
-                                                          const Step& step, int64_t H) {
-  return b < step.prev_rows ? output + (step.prev_offset + b) * H : h0 + b * H;
-}
 
 template <typename scalar_t, int RPT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(const GruForwardStep<scalar_t> p) {
@@ -113,7 +108,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
                                                     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_,
                                                     const OptTensor& b_ih_, const OptTensor& b_hh_, bool reverse,
                                                     bool save, const OptTensor& zoneout,
-                                                    const OptTensor& recurrent_mask_, int64_t saved_rows) {
+                                                    const OptTensor& recurrent_mask_, int64_t saved_rows,
+                                                    bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_forward";
   const LayerShape s = check_layer_args(op, kGates, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
   check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
@@ -141,27 +137,32 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
   const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    GruForwardStep<scalar_t> p{w_tiles.const_data_ptr<scalar_t>(),
-                               x_proj.const_data_ptr<scalar_t>(),
-                               data_or_null<acc_t>(b_ih),
-                               data_or_null<acc_t>(b_hh),
-                               h0.const_data_ptr<scalar_t>(),
-                               output2d.data_ptr<scalar_t>(),
-                               hy.data_ptr<scalar_t>(),
-                               save ? saved.data_ptr<acc_t>() : nullptr,
-                               zoneout_keep<acc_t>(zoneout),
-                               data_or_null<acc_t>(recurrent_mask),
-                               dropout ? masked_output.data_ptr<scalar_t>() : nullptr,
-                               dropout ? masked_h0.const_data_ptr<scalar_t>() : nullptr,
-                               H,
-                               Step{}};
-    for (const Step& step : schedule) {
-      p.step = step;
-      launch_step(step.rows, H, gru_forward_step_instance<scalar_t>, p);
-    }
-  });
+  if (!reset_after) {
+    gru_reset_before_forward(schedule, {x_proj, w_hh, b_ih, b_hh, h0, output2d, hy, saved, zoneout, recurrent_mask,
+                                        masked_output, masked_h0});
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      GruForwardStep<scalar_t> p{w_tiles.const_data_ptr<scalar_t>(),
+                                 x_proj.const_data_ptr<scalar_t>(),
+                                 data_or_null<acc_t>(b_ih),
+                                 data_or_null<acc_t>(b_hh),
+                                 h0.const_data_ptr<scalar_t>(),
+                                 output2d.data_ptr<scalar_t>(),
+                                 hy.data_ptr<scalar_t>(),
+                                 save ? saved.data_ptr<acc_t>() : nullptr,
+                                 zoneout_keep<acc_t>(zoneout),
+                                 data_or_null<acc_t>(recurrent_mask),
+                                 dropout ? masked_output.data_ptr<scalar_t>() : nullptr,
+                                 dropout ? masked_h0.const_data_ptr<scalar_t>() : nullptr,
+                                 H,
+                                 Step{}};
+      for (const Step& step : schedule) {
+        p.step = step;
+        launch_step(step.rows, H, gru_forward_step_instance<scalar_t>, p);
+      }
+    });
+  }
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = H;
@@ -235,7 +236,8 @@ constexpr auto gru_backward_step_instance = [](auto rpt) {  // for launch_step
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_, const OptTensor& batch_sizes,
     const Tensor& hx_, const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
-    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_) {
+    bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout, const OptTensor& recurrent_mask_,
+    bool reset_after) {
   constexpr const char* op = "gatedrnn::gru_backward";
   const LayerShape s =
       check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_, output_, saved_);
@@ -252,40 +254,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   const auto saved = saved_.contiguous();
   auto carry = grad_hy_.to(acc_dtype, false, true).contiguous();
   auto d_gates = at::empty({s.rows, kSaved * H}, input.options());
-  const auto w_tiles = backward_weight_tiles(w_hh);
-
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    GruBackwardStep<scalar_t> p{};
-    p.w_tiles = w_tiles.const_data_ptr<scalar_t>();
-    p.grad_output = grad_out2d.const_data_ptr<scalar_t>();
-    p.carry = carry.data_ptr<acc_t>();
-    p.saved = saved.const_data_ptr<acc_t>();
-    p.output = output2d.const_data_ptr<scalar_t>();
-    p.h0 = hx.const_data_ptr<scalar_t>();
-    p.d_gates = d_gates.data_ptr<scalar_t>();
-    p.keep = zoneout_keep<acc_t>(zoneout);
-    p.recurrent_mask = data_or_null<acc_t>(recurrent_mask);
-    p.hidden = H;
-    for (size_t k = schedule.size(); k-- > 0;) {
-      const Step& step = schedule[k];
-      const LaterStep later = later_step(schedule, k);
-      p.later_grads = p.d_gates + later.offset * kSaved * H;
-      p.later_rows = later.rows;
-      p.step = step;
-      launch_step(step.rows, H, gru_backward_step_instance<scalar_t>, p);
-    }
-  });
-  // h0 reaches each row's first step directly (the carry now holds dh * z of that step) and through W_hh.
-  add_initial_state_grad(carry, d_gates.narrow(1, 0, kGates * H), w_hh, schedule, recurrent_mask);
+  if (!reset_after) {
+    gru_reset_before_backward(schedule, grad_out2d, saved, output2d, hx, w_hh, d_gates, carry, zoneout,
+                              recurrent_mask);
+  } else {
+    const auto w_tiles = backward_weight_tiles(w_hh);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gatedrnn_gru_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      GruBackwardStep<scalar_t> p{};
+      p.w_tiles = w_tiles.const_data_ptr<scalar_t>();
+      p.grad_output = grad_out2d.const_data_ptr<scalar_t>();
+      p.carry = carry.data_ptr<acc_t>();
+      p.saved = saved.const_data_ptr<acc_t>();
+      p.output = output2d.const_data_ptr<scalar_t>();
+      p.h0 = hx.const_data_ptr<scalar_t>();
+      p.d_gates = d_gates.data_ptr<scalar_t>();
+      p.keep = zoneout_keep<acc_t>(zoneout);
+      p.recurrent_mask = data_or_null<acc_t>(recurrent_mask);
+      p.hidden = H;
+      for (size_t k = schedule.size(); k-- > 0;) {
+        const Step& step = schedule[k];
+        const LaterStep later = later_step(schedule, k);
+        p.later_grads = p.d_gates + later.offset * kSaved * H;
+        p.later_rows = later.rows;
+        p.step = step;
+        launch_step(step.rows, H, gru_backward_step_instance<scalar_t>, p);
+      }
+    });
+  }
+  // h0 reaches each row's first step directly (the carry now holds the direct part of that step) and through
+  // the rows of W_hh that multiply h_{t-1} itself: all three, or r's and z's when the reset comes first.
+  const int64_t read_h = reset_after ? kGates * H : 2 * H;
+  add_initial_state_grad(carry, d_gates.narrow(1, 0, read_h), w_hh.narrow(0, 0, read_h), schedule, recurrent_mask);
 
   const auto x2d = input.view({s.rows, s.input_size});
   // dW_hh from the states as the product read them.
   const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
   const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options()};
-  const auto g = gru_layer_grads(args, d_gates);
+  const auto g = gru_layer_grads(args, d_gates, reset_after ? Tensor() : saved.narrow(1, 3 * H, H));
   return {g.input, carry.to(dtype), g.w_ih, g.w_hh, g.b_ih, g.b_hh};
 }
 

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../sequence.h"
 #include "platform.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -89,6 +90,14 @@ struct TileStorage {
 #define GATEDRNN_TILE_STORAGE(name, type)                         \
   __shared__ __align__(128) unsigned char name##_bytes[sizeof(type)]; \
   type& name = *reinterpret_cast<type*>(name##_bytes)
+
+// The recurrent state batch row b saw on entry to `step`, H wide: the previous step's output row, or the
+// initial state for a row's first step (the step kernels' A rows in the forward, and their h_{t-1}).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* previous_state(const scalar_t* output, const scalar_t* h0, int64_t b,
+                                                          const Step& step, int64_t H) {
+  return b < step.prev_rows ? output + (step.prev_offset + b) * H : h0 + b * H;
+}
 
 // The A row of each of this thread's tile rows i (batch row b = blockIdx.x * kRows + threadIdx.y +
 // kRowGroups * i), or null for a row past `rows`, which contributes zeros.
