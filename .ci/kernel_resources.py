@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 
-KERNELS = ("lstm_forward_step", "lstm_backward_step", "gru_forward_step", "gru_backward_step")
+KERNELS = ("lstm_forward_step", "lstm_backward_step", "gru_forward_step", "gru_backward_step", "gru_reset_gates_step",
+           "gru_candidate_step", "gru_update_backward_step", "gru_reset_backward_step")
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 ROWS_PER_THREAD = (1, 2, 4)
 

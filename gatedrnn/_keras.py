@@ -3,7 +3,8 @@
 Keras keeps an LSTM's weights as kernel [input, 4H], recurrent_kernel [H, 4H] and one bias [4H], gates in the
 order i, f, c, o (torch's i, f, g, o); a GRU's as kernel [input, 3H], recurrent_kernel [H, 3H], gates z, r, h
 (torch's r, z, n), and with reset_after=True (Keras' default, torch's formulation) a bias of two rows, the
-input one and the recurrent one. Keras' RNNs are batch-first and single-layer; Bidirectional wraps a forward
+input one and the recurrent one; with reset_after=False (gatedrnn's GRU(reset_after=False)) one bias [3H],
+which all enters the pre-activations directly. Keras' RNNs are batch-first and single-layer; Bidirectional wraps a forward
 and a backward layer and concatenates their outputs (merge_mode="concat"), as torch's bidirectional RNNs do.
 
 Keras is never imported here unless the caller passes a Keras layer (which has imported it already).
@@ -40,10 +41,6 @@ def _check_supported(layer, config, kind):
         if config.get(name) != expected:
             raise ValueError(f"gatedrnn.from_keras: {kind} with {name}={config.get(name)!r} is not supported "
                              f"(gatedrnn's cells use {expected})")
-    if kind == "GRU" and not config.get("reset_after", True):
-        raise ValueError("gatedrnn.from_keras: GRU with reset_after=False (the reset gate applied before the "
-                         "recurrent product) is not supported yet; gatedrnn's GRU is torch.nn's, which is Keras' "
-                         "reset_after=True")
     if config.get("stateful"):
         raise ValueError(f"gatedrnn.from_keras: a stateful {kind} is not supported: pass the state explicitly "
                          "as hx")
@@ -72,6 +69,8 @@ def _torch_direction(kind, layer, dtype):
     w_ih, w_hh = kernel.t(), recurrent.t()
     if kind == "LSTM":  # the same gate order; Keras' single bias goes to b_ih
         return w_ih, w_hh, bias, None if bias is None else torch.zeros_like(bias)
+    if bias is not None and bias.dim() == 1:  # reset_after=False: one bias, to b_ih
+        bias = torch.stack([bias, torch.zeros_like(bias)])
     b_ih, b_hh = (None, None) if bias is None else (_swap_gru_gates(bias[0]), _swap_gru_gates(bias[1]))
     return _swap_gru_gates(w_ih), _swap_gru_gates(w_hh), b_ih, b_hh
 
@@ -84,8 +83,8 @@ def from_keras(layer):
     back wrapped in :class:`gatedrnn.GoBackwards`. An LSTM with ``unit_forget_bias`` gets ``forget_bias=1.0``;
     Keras' ``dropout`` and ``recurrent_dropout`` become ``input_dropout`` and ``recurrent_dropout``, with one
     difference in training: Keras draws a mask per gate, gatedrnn one shared by the gates (Gal & Ghahramani's
-    tied variant; the fused product reads h once). Activations other than tanh/sigmoid, reset_after=False and
-    stateful layers are refused by name."""
+    tied variant; the fused product reads h once). A GRU keeps its ``reset_after``. Activations other than
+    tanh/sigmoid and stateful layers are refused by name."""
     from . import modules
 
     name = type(layer).__name__
@@ -112,6 +111,8 @@ def from_keras(layer):
     kwargs = dict(bias=config["use_bias"], batch_first=True, bidirectional=bidirectional, dtype=dtype)
     if kind == "LSTM" and config["use_bias"] and config.get("unit_forget_bias"):
         kwargs["forget_bias"] = 1.0
+    if kind == "GRU":
+        kwargs["reset_after"] = config.get("reset_after", True)
     # Keras' dropout is on the input, held over the steps (variational), like gatedrnn's input_dropout.
     kwargs.update(input_dropout=config.get("dropout", 0.0), recurrent_dropout=config.get("recurrent_dropout", 0.0))
     module = getattr(modules, kind)(kernel.shape[0], config["units"], **kwargs)
@@ -137,8 +138,8 @@ def _keras_direction(module, suffix):
     if module.bias:
         b_ih = getattr(module, f"bias_ih_l0{suffix}").detach().cpu()
         b_hh = getattr(module, f"bias_hh_l0{suffix}").detach().cpu()
-        if kind == "LSTM":
-            weights.append(b_ih + b_hh)  # both enter the gates as one sum
+        if kind == "LSTM" or not module.reset_after:
+            weights.append(_swap_gru_gates(b_ih + b_hh) if kind == "GRU" else b_ih + b_hh)  # one sum enters the gates
         else:
             weights.append(torch.stack([_swap_gru_gates(b_ih), _swap_gru_gates(b_hh)]))
     # numpy has no bfloat16: such weights come back as float32.
@@ -148,7 +149,7 @@ def _keras_direction(module, suffix):
 def to_keras_weights(module):
     """Keras' weight list (``layer.set_weights(...)``) for a single-layer ``gatedrnn.LSTM`` or ``GRU``: kernel,
     recurrent_kernel and, with bias, the bias (an LSTM's two biases summed; a GRU's as Keras' two rows for
-    reset_after=True), forward direction then backward for a bidirectional module (Keras' Bidirectional
+    reset_after=True, summed for reset_after=False), forward direction then backward for a bidirectional module (Keras' Bidirectional
     order). Keras has no projections and one layer per RNN layer: proj_size and num_layers > 1 are refused."""
     if isinstance(module, GoBackwards):
         module = module.module

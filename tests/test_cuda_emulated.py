@@ -97,6 +97,67 @@ def test_zoneout_and_dropout(emulated, mode, states, packed):
                 torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("batch", [3, 12, 40])
+@pytest.mark.parametrize("packed,reverse,bias", [(False, False, True), (True, True, True), (False, True, False),
+                                                 (True, False, False)], ids=str)
+def test_gru_reset_before(emulated, batch, packed, reverse, bias):
+    """GRU reset_after=False (gru_reset_before.cu: two launches per step, forward and backward) against the CPU
+    ops, float64: every rows-per-thread shape, ragged unit tiles and K chunks, packed and reverse schedules."""
+    args = make_args("GRU", batch, 40, packed, bias, 0, torch.float64)
+    expected = run_forward_backward(torch.ops.gatedrnn, "GRU", args, reverse, reset_after=False)
+    actual = run_forward_backward(emulated, "GRU", args, reverse, reset_after=False)
+    for a_list, e_list in zip(actual, expected):
+        for a, e in zip(a_list, e_list):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gru_reset_before_variants(emulated, packed):
+    """reset_after=False with zoneout and the three dropout masks, both directions, against the CPU ops."""
+    args = make_args("GRU", 12, 40, packed, True, 0, torch.float64)
+    rows, g = args[0].shape[0] * (1 if packed else args[0].shape[1]), torch.Generator().manual_seed(5)
+    options = dict(zoneout=torch.empty(rows, 40, dtype=torch.float64).bernoulli_(0.4, generator=g),
+                   weight_hh_mask=(torch.rand(120, 40, generator=g) > 0.3).double() / 0.7,
+                   recurrent_mask=(torch.rand(12, 40, generator=g) > 0.4).double() / 0.6,
+                   input_mask=(torch.rand(12, args[0].shape[-1], generator=g) > 0.2).double() / 0.8,
+                   reset_after=False)
+    for reverse in (False, True):
+        expected = run_forward_backward(torch.ops.gatedrnn, "GRU", args, reverse, **options)
+        actual = run_forward_backward(emulated, "GRU", args, reverse, **options)
+        for a_list, e_list in zip(actual, expected):
+            for a, e in zip(a_list, e_list):
+                torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)],
+                         ids=["float32", "bfloat16", "float16"])
+def test_gru_reset_before_low_precision(emulated, dtype, bound):
+    """reset_after=False in float32 and on the (emulated) tensor-core path of float16/bfloat16, within the dtype's
+    resolution of the float64 answer."""
+    exact_args = make_args("GRU", 40, 40, True, True, 0, torch.float64)
+    exact = run_forward_backward(torch.ops.gatedrnn, "GRU", exact_args, False, reset_after=False)
+    args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in exact_args]
+    actual = run_forward_backward(emulated, "GRU", args, False, reset_after=False)
+    for a_list, e_list in zip(actual, exact):
+        for a, e in zip(a_list, e_list):
+            if e.numel():
+                assert ((a.double() - e).abs().max() / e.abs().max()).item() < bound
+
+
+def test_gru_reset_before_opcheck(emulated):
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = make_args("GRU", 12, 40, True, True, 0, torch.float32)
+    x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = args
+    options = dict(reset_after=False)
+    for save in (False, True):
+        torch.library.opcheck(emulated.gru_forward, (*args, True, save), options, test_utils=utils)
+    out, hy, saved = emulated.gru_forward(*args, True, True, **options)
+    torch.library.opcheck(emulated.gru_backward, (torch.randn_like(out), torch.randn_like(hy), x, batch_sizes, h0,
+                                                  w_ih, w_hh, out, saved, True, [True, True, True]), options,
+                          test_utils=utils)
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("mask", [(False, True, False), (True, False, True), (False, False, False)], ids=str)
 def test_output_mask(emulated, mode, mask):

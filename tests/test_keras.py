@@ -71,7 +71,18 @@ CASES = [
     ("GRU", False, {"use_bias": False}),
     ("GRU", False, {"go_backwards": True}),
     ("GRU", True, {}),
+    ("GRU", False, {"reset_after": False}),
+    ("GRU", False, {"reset_after": False, "use_bias": False}),
+    ("GRU", False, {"reset_after": False, "go_backwards": True}),
+    ("GRU", True, {"reset_after": False}),
 ]
+
+
+def _tolerance(kwargs):
+    """Keras' GRU with reset_after=False is only about 6e-8 exact in float64: measured against a hand-written
+    float64 numpy loop of its equations on its own weights (which gatedrnn matches to 4e-16). Its results differ
+    from reset_after=True's by O(0.1), so 1e-6 still tells the two cells apart."""
+    return dict(atol=1e-6, rtol=1e-6) if kwargs.get("reset_after") is False else dict(atol=1e-12, rtol=1e-10)
 
 
 def _case_id(case):
@@ -97,12 +108,12 @@ def test_from_keras_matches_keras(case, with_initial_state):
                             _our_initial_state(kind, bidirectional, initial) if initial else None)
     assert len(ours) == len(expected)
     for k, (a, e) in enumerate(zip(ours, _as_tensors(expected))):
-        torch.testing.assert_close(a.detach(), e, atol=1e-12, rtol=1e-10, msg=lambda m: f"result {k}: {m}")
+        torch.testing.assert_close(a.detach(), e, **_tolerance(kwargs), msg=lambda m: f"result {k}: {m}")
 
     weights = [torch.linspace(-1, 1, e.numel(), dtype=torch.float64).view(e.shape) for e in expected]
     (expected_grad,) = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), x_keras)
     (our_grad,) = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ours, weights)), x_ours)
-    torch.testing.assert_close(our_grad, expected_grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(our_grad, expected_grad, **_tolerance(kwargs))
 
 
 def test_module_configuration():
@@ -112,37 +123,39 @@ def test_module_configuration():
     assert lstm.weight_ih_l0.dtype == torch.float32
     gru = gatedrnn.from_keras(_keras_layer("GRU", go_backwards=True))
     assert isinstance(gru, gatedrnn.GoBackwards) and isinstance(gru.module, gatedrnn.GRU)
-    assert gru.module.weight_hh_l0.dtype == torch.float64
+    assert gru.module.weight_hh_l0.dtype == torch.float64 and gru.module.reset_after
+    assert not gatedrnn.from_keras(_keras_layer("GRU", reset_after=False)).reset_after
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c[2].get("go_backwards")], ids=_case_id)
 def test_to_keras_weights_round_trip(case):
     """A torch.nn-initialised gatedrnn module's weights, set on a fresh Keras layer, give the module's
-    results in Keras; and from_keras of that layer gives the module's parameters back (an LSTM's two biases
-    come back summed into bias_ih, as Keras keeps one)."""
+    results in Keras; and from_keras of that layer gives the module's parameters back (an LSTM's two biases, and
+    a reset_after=False GRU's, come back summed into bias_ih, as Keras keeps one)."""
     kind, bidirectional, kwargs = case
     torch.manual_seed(0)
+    variant = {"reset_after": kwargs["reset_after"]} if "reset_after" in kwargs else {}
     module = getattr(gatedrnn, kind)(I, H, batch_first=True, bidirectional=bidirectional,
-                                     bias=kwargs.get("use_bias", True), dtype=torch.float64)
+                                     bias=kwargs.get("use_bias", True), dtype=torch.float64, **variant)
     layer = _keras_layer(kind, bidirectional=bidirectional, **kwargs)
     layer.set_weights(gatedrnn.to_keras_weights(module))
     x = torch.randn(B, T, I, dtype=torch.float64)
     with torch.no_grad():
         ours = _ours_like_keras(module, x, kind, bidirectional)
     for a, e in zip(ours, _as_tensors(layer(x.numpy()))):
-        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(a, e, **_tolerance(kwargs))
     back = gatedrnn.from_keras(layer)
     for name, p in module.named_parameters():
         expected = p.detach()
-        if kind == "LSTM" and name.startswith("bias_ih"):
+        one_bias = kind == "LSTM" or not kwargs.get("reset_after", True)
+        if one_bias and name.startswith("bias_ih"):
             expected = expected + getattr(module, name.replace("bias_ih", "bias_hh")).detach()
-        elif kind == "LSTM" and name.startswith("bias_hh"):
+        elif one_bias and name.startswith("bias_hh"):
             expected = torch.zeros_like(expected)
         torch.testing.assert_close(getattr(back, name).detach(), expected, atol=1e-15, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: _keras_layer("GRU", reset_after=False), "reset_after=False"),
     (lambda: _keras_layer("LSTM", activation="relu"), "activation='relu' is not supported"),
     (lambda: _keras_layer("GRU", recurrent_activation="hard_sigmoid"), "recurrent_activation='hard_sigmoid'"),
     (lambda: keras.layers.LSTM(H), "has no weights yet"),

@@ -195,3 +195,27 @@ def test_dropout_variants_export_in_evaluation_mode_only(tmp_path):
         torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
     with pytest.raises(Exception, match="dropout masks"):
         torch.onnx.export(ours.train(), (x,), dynamo=True)
+
+
+def test_gru_reset_before_exports_with_linear_before_reset_0(tmp_path):
+    """GRU(reset_after=False) exports as GRU nodes with linear_before_reset=0, ONNX's own formulation of Cho et
+    al.'s cell: ONNX Runtime is an independent implementation of it, checked here against the fused kernels
+    (bidirectional, two layers, padded input with lengths) at shapes other than the traced one."""
+    torch.manual_seed(0)
+    ours = gatedrnn.GRU(5, 8, num_layers=2, bidirectional=True, batch_first=True, reset_after=False).eval()
+    batch, steps = Dim("batch"), Dim("steps")
+    model, session = _export(_WithLengths(ours), (torch.randn(3, 7, 5), torch.tensor([7, 2, 5])),
+                             ({0: batch, 1: steps}, {0: batch}), tmp_path / "reset_before.onnx")
+    nodes = [n for n in model.graph.node if n.op_type == "GRU"]
+    assert len(nodes) == 4
+    assert all(a.i == 0 for n in nodes for a in n.attribute if a.name == "linear_before_reset")
+    for lengths in ([11, 3, 1, 11, 6], [2]):
+        x = torch.randn(len(lengths), max(lengths), 5)
+        actual = session.run(None, {"x": x.numpy(), "lengths": torch.tensor(lengths).numpy()})
+        with torch.no_grad():
+            expected = _WithLengths(ours)(x, torch.tensor(lengths))
+            plain = gatedrnn.GRU(5, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
+            plain.load_state_dict(ours.state_dict())
+            assert not torch.allclose(plain(x, lengths=torch.tensor(lengths))[0], expected[0], atol=1e-3)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(torch.from_numpy(a), e, atol=1e-5, rtol=1e-4)
