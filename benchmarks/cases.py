@@ -105,5 +105,6 @@ def standard_cases(device, full=False):
                 cases.append(Case(mode, 100, 64, 256, 256, training, layers=2, bidirectional=True, dtype=dtype))
                 cases.append(Case(mode, 100, 64, 256, 256, training, packed=True, dtype=dtype))
     # The variants, in training, against a per-step loop over torch.nn's cell (and gatedrnn's plain layer).
-    cases += [Case(mode, 100, 64, 256, 256, True, variant=variant) for variant in VARIANTS for mode in ("LSTM", "GRU")]
+    cases += [Case(mode, 100, 64, 256, 256, True, variant=variant)
+              for variant, modes in VARIANTS.items() for mode in modes]
     return cases

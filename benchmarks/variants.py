@@ -1,4 +1,5 @@
-"""The variant cases (layers beyond torch.nn: zoneout, recurrent dropout): what gatedrnn is compared with there.
+"""The variant cases (layers beyond torch.nn: zoneout, recurrent dropout, the GRU with reset_after=False): what
+gatedrnn is compared with there.
 
 torch.nn has no such layers, so the oracle to beat is what users write today: a per-step Python loop over the
 torch.nn cell with the variant written out around it. Each variant case times three implementations: gatedrnn
@@ -13,13 +14,14 @@ from torch import nn
 LOOP = "torch.nn loop"
 PLAIN = "gatedrnn plain"
 
-# variant name -> (constructor arguments for gatedrnn, probabilities drawn per state: h, then c for an LSTM)
+# variant name -> {mode: constructor arguments for gatedrnn}, for the modes the variant applies to
 ZONEOUT_P = 0.1
 RECURRENT_DROPOUT_P = 0.25
 VARIANTS = {
     "zoneout": {"LSTM": dict(zoneout=ZONEOUT_P, zoneout_cell=ZONEOUT_P), "GRU": dict(zoneout=ZONEOUT_P)},
     "recurrent_dropout": {"LSTM": dict(recurrent_dropout=RECURRENT_DROPOUT_P),
                           "GRU": dict(recurrent_dropout=RECURRENT_DROPOUT_P)},
+    "reset_after=False": {"GRU": dict(reset_after=False)},
 }
 
 
@@ -54,19 +56,34 @@ class CellLoop(nn.Module):
             return torch.ones(B, self.case.H, dtype=like.dtype, device=like.device)
         return torch.rand(B, self.case.H, dtype=like.dtype, device=like.device).ge_(p).div_(1 - p)
 
-    def _gru_step(self, x, h, mask):
-        """A GRU step whose recurrent product reads h * mask while z * h keeps h (Keras' recurrent_dropout):
-        torch.nn.GRUCell cannot express it, so it is written out with its parameters."""
-        cell = self.cell
+    def _gru_step(self, x, h, mask=None, reset_after=True):
+        """A GRU step that torch.nn.GRUCell cannot express, written out with its parameters: the recurrent
+        products read h * mask while z * h keeps h (Keras' recurrent_dropout), or the reset gate multiplies h
+        before W_hn (reset_after=False, two dependent products)."""
+        cell, H = self.cell, self.case.H
+        h_read = h if mask is None else h * mask
         i_r, i_z, i_n = F.linear(x, cell.weight_ih, cell.bias_ih).chunk(3, 1)
-        h_r, h_z, h_n = F.linear(h * mask, cell.weight_hh, cell.bias_hh).chunk(3, 1)
+        if reset_after:
+            h_r, h_z, h_n = F.linear(h_read, cell.weight_hh, cell.bias_hh).chunk(3, 1)
+        else:
+            h_r, h_z = F.linear(h_read, cell.weight_hh[:2 * H], cell.bias_hh[:2 * H]).chunk(2, 1)
         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
+        if reset_after:
+            n = torch.tanh(i_n + r * h_n)
+        else:
+            n = torch.tanh(i_n + F.linear(r * h_read, cell.weight_hh[2 * H:], cell.bias_hh[2 * H:]))
         return (1 - z) * n + z * h
 
     def forward(self, x):
         if self.case.variant == "recurrent_dropout":
             return self._forward_recurrent_dropout(x)
+        if self.case.variant == "reset_after=False":
+            h = x.new_zeros(x.shape[1], self.case.H)
+            outputs = []
+            for t in range(x.shape[0]):
+                h = self._gru_step(x[t], h, reset_after=False)
+                outputs.append(h)
+            return torch.stack(outputs), h.unsqueeze(0)
         T, B = x.shape[:2]
         h = x.new_zeros(B, self.case.H)
         c = x.new_zeros(B, self.case.H)

@@ -92,13 +92,13 @@ def test_a_disagreeing_onnx_runtime_is_reported_not_timed(monkeypatch):
     assert "disagrees with torch.nn" in result.error and not result.timings
 
 
-@pytest.mark.parametrize("variant", ["zoneout", "recurrent_dropout"])
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode,variant", [("LSTM", "zoneout"), ("GRU", "zoneout"), ("LSTM", "recurrent_dropout"),
+                                          ("GRU", "recurrent_dropout"), ("GRU", "reset_after=False")])
 def test_variant_cases_time_gatedrnn_against_a_torch_nn_cell_loop(mode, variant):
     """A variant case (benchmarks/variants.py): gatedrnn with the variant, the per-step loop over torch.nn's cell
     users write today (the speed-up's baseline, making gatedrnn's draws from the same seed, so that training
     outputs and input gradients agree to float32 rounding), and gatedrnn's plain layer (what the variant costs)."""
-    assert {c.variant for c in standard_cases("cpu")} >= {"", "zoneout", "recurrent_dropout"}
+    assert {c.variant for c in standard_cases("cpu")} >= {"", "zoneout", "recurrent_dropout", "reset_after=False"}
     case = Case(mode, 6, 3, 4, 5, training=True, variant=variant)
     assert measure.implementations("cpu", case) == ["gatedrnn", "torch.nn loop", "gatedrnn plain"]
     result = measure.measure(case, "cpu", repeats=1, warmup=0)

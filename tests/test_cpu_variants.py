@@ -38,6 +38,18 @@ for (I, H, B), (dtype, atol) in itertools.product([(7, 24, 12), (3, 5, 1), (19, 
                 results.append([out, *grads])
             err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
             worst[f"{mode}{kwargs}-I{I}-H{H}-B{B}-{dtype}-packed={packed}"] = (err, atol)
+    # GRU reset_after=False, which torch.nn lacks: against gatedrnn.reference (dense, two layers, both ways).
+    torch.manual_seed(0)
+    ours = gatedrnn.GRU(I, H, num_layers=2, bidirectional=True, reset_after=False).to(dtype)
+    results = []
+    for run in (lambda x: ours(x)[0],
+                lambda x: gatedrnn.reference.gru(x, None, torch.zeros(4, B, H, dtype=dtype), ours._flat_weights,
+                                                 num_layers=2, bidirectional=True, reset_after=False)[0]):
+        x = torch.randn(9, B, I, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = run(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x] + list(ours.parameters()))])
+    err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
+    worst[f"GRU(reset_after=False)-I{I}-H{H}-B{B}-{dtype}"] = (err, atol)
 print(json.dumps({"info": gatedrnn.backend_info(), "worst": worst}))
 """
 
