@@ -47,6 +47,8 @@ def _plan(module, table):
     recurrent module that cannot be swapped, or ("recurse", None) for anything else."""
     if type(module) in table:
         in_use = [f"{name}={getattr(module, name)}" for name in _VARIANTS if getattr(module, name, 0)]
+        if getattr(module, "reset_after", True) is False:  # Cho et al.'s GRU: another function of the same weights
+            in_use.append("reset_after=False")
         if in_use:  # only gatedrnn modules have these
             return "skip", f"it uses {', '.join(in_use)}, which torch.nn has no equivalent for"
         return "swap", None

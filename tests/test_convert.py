@@ -257,7 +257,9 @@ def test_variants_torch_nn_lacks_are_not_converted_back_silently():
     """to="torch" would drop zoneout or dropout variants: such modules are left as they are and named;
     forget_bias only initialises, so it converts."""
     model = nn.Sequential(gatedrnn.LSTM(3, 4, zoneout=0.1), gatedrnn.GRU(4, 4, recurrent_dropout=0.2),
-                          gatedrnn.LSTM(4, 4, forget_bias=1.0))
-    with pytest.warns(UserWarning, match=r"0 \(it uses zoneout=0.1.*1 \(it uses recurrent_dropout=0.2"):
+                          gatedrnn.LSTM(4, 4, forget_bias=1.0), gatedrnn.GRU(4, 4, reset_after=False),
+                          gatedrnn.GRUCell(4, 4, reset_after=False))
+    with pytest.warns(UserWarning, match=r"0 \(it uses zoneout=0.1.*1 \(it uses recurrent_dropout=0.2.*"
+                                         r"3 \(it uses reset_after=False.*4 \(it uses reset_after=False"):
         back = gatedrnn.convert(model, to="torch")
-    assert [type(m) for m in back] == [gatedrnn.LSTM, gatedrnn.GRU, nn.LSTM]
+    assert [type(m) for m in back] == [gatedrnn.LSTM, gatedrnn.GRU, nn.LSTM, gatedrnn.GRU, gatedrnn.GRUCell]
