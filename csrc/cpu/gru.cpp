@@ -47,8 +47,7 @@ GATEDRNN_TILE_KERNELS(run_input_tiles, GruInputTiles, "gru_input_projection")
 // and round h_t once).
 template <typename T, typename S = T>
 struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
-  const S* h0;            // [B, H]
-  S* output;              // [N, H]: h_{t-1} of the previous step's rows; h_t out
+  RecurrentStates<S> states;  // h_{t-1} of each row; output: h_t out
   // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride. When saving these are
   // the first 3H columns of the [N, 4H] saved buffer, and the epilogue overwrites them with r, z, n, hn.
   T* input_proj;
@@ -57,34 +56,22 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   const T* bias_hn;     // [H]: the n part of b_hh (multiplied by r), or null
   S* h_state;           // [B, H]: each row's latest h_t (the final state at the end)
   ZoneoutKeep<T> keep;  // zoneout of h (cells.h), or none
-  // Recurrent dropout: the product reads h_{t-1} * mask, which each step writes beside h_t (one mask per
-  // sequence and unit, held over the steps); the cell itself uses h_{t-1}. All null without it.
-  const T* recurrent_mask;  // [B, H]: 0 or 1 / (1 - p)
-  S* masked_output;         // [N, H]
-  const S* masked_h0;       // [B, H]
+  // Recurrent dropout (states.masked_*): the product reads h_{t-1} * mask; the cell itself uses h_{t-1}.
+  const T* recurrent_mask;  // [B, H]: 0 or 1 / (1 - p), or null
   bool save;
   int64_t hidden, rows;
   Step step;
 
-  // h_{t-1} as the cell sees it: the previous step's output row, or h0 for a row's first step.
-  const S* prev_row(int64_t b) const {
-    return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
-  }
-
-  // h_{t-1} as the product reads it (times the mask with recurrent dropout).
-  const S* a_row(int64_t b) const {
-    if (!masked_output) return prev_row(b);
-    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * hidden : masked_h0 + b * hidden;
-  }
+  const S* a_row(int64_t b) const { return states.read_row(step, b); }
 
   template <int L, bool kSave, bool kBias, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* gi = input_proj + (row - proj_row0) * proj_stride + j0;
-    const S* h = prev_row(b) + j0;
+    const S* h = states.prev_row(step, b) + j0;
     const T* mask = kDropout ? recurrent_mask + b * H + j0 : nullptr;
-    S* masked = kDropout ? masked_output + row * H + j0 : nullptr;
-    S* out = output + row * H + j0;
+    S* masked = kDropout ? states.masked_output + row * H + j0 : nullptr;
+    S* out = states.output + row * H + j0;
     S* hs = h_state + b * H + j0;
     T keep_hidden[kZoneout ? L : 1];
     if constexpr (kZoneout) load_keep(keep, row, j0, width, keep_hidden);
@@ -121,7 +108,7 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth H
   template <int L>
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
-    if (masked_output) {
+    if (states.masked_output) {
       keep.data ? finish_rows<L, true, true>(acc, b0, n, j0, width)
                 : finish_rows<L, false, true>(acc, b0, n, j0, width);
     } else {
@@ -147,9 +134,8 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                       const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, G = kGates * H, L = lanes_for<S>();
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
-  const bool dropout = recurrent_mask.has_value();
-  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
-  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
+  std::array<Tensor, 2> masked;
+  const auto states = recurrent_states<S>(h0, output2d, recurrent_mask, masked);
   const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
   const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
@@ -160,8 +146,7 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
   const InputTiles<T, kGates, S> input{
       {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, stride, H, 0, 0};
   const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), H},
-                                h0.const_data_ptr<S>(),
-                                output2d.data_ptr<S>(),
+                                states,
                                 saved.data_ptr<T>(),
                                 0,
                                 stride,
@@ -169,9 +154,7 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
                                 b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
                                 hy.data_ptr<S>(),
                                 zoneout_keep<T>(zoneout),
-                                dropout ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                                dropout ? masked_output.data_ptr<S>() : nullptr,
-                                dropout ? masked_h0.const_data_ptr<S>() : nullptr,
+                                recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
                                 save,
                                 H,
                                 0,
@@ -263,8 +246,7 @@ struct BackwardTiles : TileBase<T, 4> {
   static constexpr int kGroups = 4;
   LaterRows<T> later;
   const T* saved;        // [N, 4H]: r, z, n, hn
-  const T* output;       // [N, H]: h_t of every packed row (h_{t-1} of the next step)
-  const T* h0;           // [B, H]
+  RecurrentStates<const T> states;  // h_{t-1} of each row (unmasked)
   const T* grad_output;  // [N, H]
   T* carry;              // [B, H]: grad_hy, then the direct part of the gradient reaching h_{t-1}
   T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
@@ -291,8 +273,7 @@ struct BackwardTiles : TileBase<T, 4> {
       const int64_t b = b0 + r, row = step.offset + b;
       const T* a = acc + r * kGroups * L;
       const T* sv = saved + row * kSaved * H + j0;
-      // h_{t-1}: the previous step's output, or h0 for a row's first step.
-      const T* h_prev = (b < step.prev_rows ? output + (step.prev_offset + b) * H : h0 + b * H) + j0;
+      const T* h_prev = states.prev_row(step, b) + j0;
       const T* d_out = grad_output + row * H + j0;
       T* cr = carry + b * H + j0;
       T* dg = d_gates + row * kGradCols * H + j0;
@@ -331,8 +312,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   BackwardTiles<T> cell{{hh.const_data_ptr<T>(), hh.stride(0), kGates * H},
                         LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0},
                         saved.const_data_ptr<T>(),
-                        output2d.const_data_ptr<T>(),
-                        h0.const_data_ptr<T>(),
+                        {h0.const_data_ptr<T>(), output2d.const_data_ptr<T>(), nullptr, nullptr, H},
                         grad_out2d.const_data_ptr<T>(),
                         carry.data_ptr<T>(),
                         d_gates.data_ptr<T>(),

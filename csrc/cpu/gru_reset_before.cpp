@@ -12,6 +12,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <array>
+
 #include "../cells.h"
 #include "loops.h"
 #include "products.h"
@@ -51,8 +53,7 @@ GATEDRNN_TILE_KERNELS(run_input_tiles, GruInputTiles, "gru_reset_before_input_pr
 // What both phases of a forward step read and write.
 template <typename T>
 struct ForwardStep {
-  const T* h0;  // [B, H]
-  T* output;    // [N, H]: h_{t-1} of the previous step's rows; h_t out
+  RecurrentStates<T> states;  // h_{t-1} of each row, as the cell sees it and as the products read it; h_t out
   // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride. Phase one replaces the r
   // and z pre-activations with r and z; when saving these are the [N, 4H] saved buffer's rows, which end as
   // r, z, n, rh.
@@ -63,23 +64,12 @@ struct ForwardStep {
   T* h_state;               // [B, H]: each row's latest h_t (the final state at the end)
   ZoneoutKeep<T> keep;      // zoneout of h (cells.h), or none
   const T* recurrent_mask;  // [B, H] with recurrent dropout (both products read h_{t-1} * mask), or null
-  T* masked_output;         // [N, H]: h_t * mask, or null
-  const T* masked_h0;       // [B, H]: h0 * mask, or null
   bool save;
   int64_t hidden, rows;
   Step step;
 
-  // h_{t-1} as the cell sees it: the previous step's output row, or h0 for a row's first step.
-  const T* prev_row(int64_t b) const {
-    return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
-  }
-
-  // h_{t-1} as the products read it (times the mask with recurrent dropout).
-  const T* read_row(int64_t b) const {
-    if (!masked_output) return prev_row(b);
-    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * hidden : masked_h0 + b * hidden;
-  }
-
+  const T* prev_row(int64_t b) const { return states.prev_row(step, b); }
+  const T* read_row(int64_t b) const { return states.read_row(step, b); }
   T* proj_row(int64_t b) const { return input_proj + (step.offset + b - proj_row0) * proj_stride; }
 };
 
@@ -128,7 +118,7 @@ struct CandidateTiles : TileBase<T, 1> {  // depth H
   const T* a_row(int64_t b) const { return st->reset_hidden + b * st->hidden; }
   bool flag(size_t i) const {
     const bool flags[kFlags] = {st->bias != nullptr, st->save, st->keep.data != nullptr,
-                                st->masked_output != nullptr};
+                                st->recurrent_mask != nullptr};
     return flags[i];
   }
 
@@ -139,8 +129,8 @@ struct CandidateTiles : TileBase<T, 1> {  // depth H
     const T* h = st->prev_row(b) + j0;
     const T* bias_n = kBias ? st->bias + 2 * H + j0 : nullptr;
     const T* mask = kDropout ? st->recurrent_mask + b * H + j0 : nullptr;
-    T* masked = kDropout ? st->masked_output + row * H + j0 : nullptr;
-    T* out = st->output + row * H + j0;
+    T* masked = kDropout ? st->states.masked_output + row * H + j0 : nullptr;
+    T* out = st->states.output + row * H + j0;
     T* hs = st->h_state + b * H + j0;
     T keep_hidden[kZoneout ? L : 1];
     if constexpr (kZoneout) load_keep(st->keep, row, j0, width, keep_hidden);
@@ -171,9 +161,8 @@ void forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const 
                   const Tensor& w_hh, const OptTensor& bias, const Tensor& h0, Tensor& saved, Tensor& output2d,
                   Tensor& hy, bool save, const OptTensor& zoneout, const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, L = tile_lanes<T>();
-  const bool dropout = recurrent_mask.has_value();
-  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
-  const auto masked_h0 = dropout ? h0 * *recurrent_mask : Tensor();
+  std::array<Tensor, 2> masked;
+  const auto states = recurrent_states<T>(h0, output2d, recurrent_mask, masked);
   const auto reset_hidden = at::empty({s.batch, H}, output2d.options());
   const Tensor ih = pack_tiles(w_ih, kGates, L, Columns::GateMajor, Scratch::PackedInput);
   const Tensor rz = pack_tiles(w_hh.narrow(0, 0, 2 * H), 2, L, Columns::GateMajor, Scratch::PackedRecurrent);
@@ -185,8 +174,7 @@ void forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const 
 
   const InputTiles<T, kGates> input{
       {ih.const_data_ptr<T>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<T>(), nullptr, stride, H, 0, 0};
-  const ForwardStep<T> step{h0.const_data_ptr<T>(),
-                            output2d.data_ptr<T>(),
+  const ForwardStep<T> step{states,
                             saved.data_ptr<T>(),
                             0,
                             stride,
@@ -194,9 +182,7 @@ void forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const 
                             reset_hidden.data_ptr<T>(),
                             hy.data_ptr<T>(),
                             zoneout_keep<T>(zoneout),
-                            dropout ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                            dropout ? masked_output.data_ptr<T>() : nullptr,
-                            dropout ? masked_h0.const_data_ptr<T>() : nullptr,
+                            recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
                             save,
                             H,
                             0,
@@ -222,8 +208,7 @@ template <typename T>
 struct BackwardStep {
   LaterRows<T> later;       // d_gates rows of the step processed before this one; phase one reads [dr, dz]
   const T* saved;           // [N, 4H]: r, z, n, rh
-  const T* output;          // [N, H]
-  const T* h0;              // [B, H]
+  RecurrentStates<const T> states;  // h_{t-1} of each row (unmasked)
   const T* grad_output;     // [N, H]
   T* carry;                 // [B, H]: grad_hy, then the gradient reaching h_{t-1} except through W_h[rz]
   T* d_gates;               // [N, 4H]: dr, dz, dn, dn
@@ -232,9 +217,7 @@ struct BackwardStep {
   int64_t hidden;
   Step step;
 
-  const T* prev_row(int64_t b) const {
-    return b < step.prev_rows ? output + (step.prev_offset + b) * hidden : h0 + b * hidden;
-  }
+  const T* prev_row(int64_t b) const { return states.prev_row(step, b); }
 };
 
 // Phase one: dh = grad_output + carry + [dr, dz]_{t+1} @ W_h[rz] for 4L units, then dz, dn and the direct part.
@@ -327,8 +310,7 @@ void backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
   const BackwardStep<T> step{LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), kSaved * H, 0, 0},
                              saved.const_data_ptr<T>(),
-                             output2d.const_data_ptr<T>(),
-                             h0.const_data_ptr<T>(),
+                             {h0.const_data_ptr<T>(), output2d.const_data_ptr<T>(), nullptr, nullptr, H},
                              grad_out2d.const_data_ptr<T>(),
                              carry.data_ptr<T>(),
                              d_gates.data_ptr<T>(),

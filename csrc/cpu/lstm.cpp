@@ -45,8 +45,7 @@ GATEDRNN_TILE_KERNELS(run_store_tiles, ProductTiles, "lstm_projection")
 // compute in float32 and round h_t once).
 template <typename T, typename S = T>
 struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
-  const S* h0;            // [B, R]
-  S* output;              // [N, R]: h_{t-1} of the previous step's rows; h_t out (without projection)
+  RecurrentStates<S> states;  // h_{t-1} of each row; output: h_t out (without projection)
   // Input projection (x @ W_ih^T) of rows from proj_row0 on, in rows of proj_stride (4H); activations out
   // when saving.
   T* input_proj;
@@ -57,31 +56,19 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   T* cells;       // [N, H]: saved c_t, or null
   T* pre_proj;    // [B, H]: h_t before the projection, or null
   ZoneoutKeep<T> keep_h, keep_c;  // without a projection only
-  // Recurrent dropout (without a projection): the product reads h_{t-1} * mask, which each step writes beside
-  // h_t (one mask per sequence and unit, held over the steps); all null without it.
-  const T* recurrent_mask;  // [B, R]: 0 or 1 / (1 - p)
-  S* masked_output;         // [N, R]
-  const S* masked_h0;       // [B, R]
+  // Recurrent dropout (without a projection; states.masked_*): the product reads h_{t-1} * mask.
+  const T* recurrent_mask;  // [B, R]: 0 or 1 / (1 - p), or null
   int64_t hidden, state, rows;
   Step step;
 
-  // h_{t-1} as the cell sees it: the previous step's output row, or h0 for a row's first step.
-  const S* prev_row(int64_t b) const {
-    return b < step.prev_rows ? output + (step.prev_offset + b) * state : h0 + b * state;
-  }
-
-  // h_{t-1} as the product reads it (times the mask with recurrent dropout).
-  const S* a_row(int64_t b) const {
-    if (!masked_output) return prev_row(b);
-    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * state : masked_h0 + b * state;
-  }
+  const S* a_row(int64_t b) const { return states.read_row(step, b); }
 
   template <int L, bool kSave, bool kProj, bool kBias, bool kZoneout, bool kDropout>
   GATEDRNN_ALWAYS_INLINE void cell(const T* acc, int64_t b, int64_t j0, int64_t width) const {
     const int64_t H = hidden, row = step.offset + b;
     T* g = input_proj + (row - proj_row0) * proj_stride + j0;
     T* c = c_state + b * H + j0;
-    const S* h_prev = prev_row(b) + j0;  // used with zoneout only (no projection: R = H)
+    const S* h_prev = states.prev_row(step, b) + j0;  // used with zoneout only (no projection: R = H)
     const T* mask = kDropout ? recurrent_mask + b * state + j0 : nullptr;
     T keep_hidden[kZoneout ? L : 1], keep_cell[kZoneout ? L : 1];
     if constexpr (kZoneout) {
@@ -107,9 +94,9 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
       if constexpr (kProj) {
         pre_proj[b * H + j0 + l] = h_new;
       } else {
-        output[row * state + j0 + l] = to_storage<S>(h_new);
+        states.output[row * state + j0 + l] = to_storage<S>(h_new);
         h_state[b * state + j0 + l] = to_storage<S>(h_new);
-        if constexpr (kDropout) masked_output[row * state + j0 + l] = to_storage<S>(h_new * mask[l]);
+        if constexpr (kDropout) states.masked_output[row * state + j0 + l] = to_storage<S>(h_new * mask[l]);
       }
     }
   }
@@ -144,7 +131,7 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
   GATEDRNN_ALWAYS_INLINE void finish(const T* acc, int64_t b0, int64_t n, int64_t p) const {
     const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
     const bool zoned = keep_h.data || keep_c.data;
-    if (masked_output) {
+    if (states.masked_output) {
       zoned ? finish_rows<L, true, true>(acc, b0, n, j0, width) : finish_rows<L, false, true>(acc, b0, n, j0, width);
     } else {
       zoned ? finish_rows<L, true, false>(acc, b0, n, j0, width) : finish_rows<L, false, false>(acc, b0, n, j0, width);
@@ -179,15 +166,13 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) gates = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   auto pre_proj = proj ? at::empty({s.batch, H}, gates.options()) : Tensor();
-  const bool dropout = recurrent_mask.has_value();
-  const auto masked_output = dropout ? at::empty_like(output2d) : Tensor();
-  const auto masked_h0 = dropout ? (h0 * *recurrent_mask).to(h0.scalar_type()) : Tensor();
+  std::array<Tensor, 2> masked;
+  const auto states = recurrent_states<S>(h0, output2d, recurrent_mask, masked);
 
   const InputTiles<T, kGates, S> input{
       {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
   const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), R},
-                                h0.const_data_ptr<S>(),
-                                output2d.data_ptr<S>(),
+                                states,
                                 gates.data_ptr<T>(),
                                 0,
                                 G,
@@ -198,9 +183,7 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                                 proj ? pre_proj.data_ptr<T>() : nullptr,
                                 zoneout_keep<T>(zoneout),
                                 zoneout_keep<T>(zoneout_cell),
-                                dropout ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                                dropout ? masked_output.data_ptr<S>() : nullptr,
-                                dropout ? masked_h0.const_data_ptr<S>() : nullptr,
+                                recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
                                 H,
                                 R,
                                 0,
@@ -224,7 +207,7 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
       if constexpr (kSameTypes) {
         if (proj) {
           pr.rows = st.rows;
-          pr.c = st.output + st.step.offset * R;
+          pr.c = st.states.output + st.step.offset * R;
           share = share_of(tile_items(pr, state_tiles), team.tid, team.threads);
           run_store_tiles(pr, share.begin, share.end);
           team.barrier();

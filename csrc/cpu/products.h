@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -39,6 +40,41 @@ struct InputTiles : TileBase<T, G, S> {
     }
   }
 };
+
+// Where a forward step finds each batch row's h_{t-1}: the previous step's output row, or the initial state for
+// a row's first step; as the cell sees it (prev_row) and as the recurrent product reads it (read_row). With
+// recurrent dropout the product reads h_{t-1} * mask (one mask per sequence and unit, held over the steps),
+// which each step writes beside h_t.
+template <typename S>
+struct RecurrentStates {
+  const S* h0;          // [B, width]
+  S* output;            // [N, width]: h_t of every packed row
+  const S* masked_h0;   // [B, width]: h0 * mask, or null without recurrent dropout
+  S* masked_output;     // [N, width]: h_t * mask, or null
+  int64_t width;
+
+  const S* prev_row(const Step& step, int64_t b) const {
+    return b < step.prev_rows ? output + (step.prev_offset + b) * width : h0 + b * width;
+  }
+
+  const S* read_row(const Step& step, int64_t b) const {
+    if (!masked_output) return prev_row(step, b);
+    return b < step.prev_rows ? masked_output + (step.prev_offset + b) * width : masked_h0 + b * width;
+  }
+};
+
+// The RecurrentStates of a forward loop over h0 and output2d; with recurrent dropout, `masked` receives (and
+// keeps alive) the masked copies it points at.
+template <typename S>
+inline RecurrentStates<S> recurrent_states(const at::Tensor& h0, at::Tensor& output2d,
+                                           const std::optional<at::Tensor>& recurrent_mask,
+                                           std::array<at::Tensor, 2>& masked) {
+  if (recurrent_mask) {
+    masked = {(h0 * *recurrent_mask).to(h0.scalar_type()), at::empty_like(output2d)};
+  }
+  return {h0.const_data_ptr<S>(), output2d.data_ptr<S>(), recurrent_mask ? masked[0].const_data_ptr<S>() : nullptr,
+          recurrent_mask ? masked[1].data_ptr<S>() : nullptr, output2d.size(1)};
+}
 
 // Consecutive steps (in processing order) whose input projection is computed together, before them:
 // packed rows [row_begin, row_end) (contiguous in either direction) of steps [first, last).

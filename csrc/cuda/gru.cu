@@ -22,6 +22,7 @@
 #include "../op_entry.h"
 #include "../sequence.h"
 #include "gru_reset_before.h"
+#include "gru_steps.cuh"
 #include "launch.h"
 #include "platform.h"
 #include "step_tile.cuh"
@@ -36,26 +37,6 @@ constexpr int kGates = 3;
 constexpr int kSaved = 4;  // r, z, n, hn per hidden unit; also the columns of d_gates: dr, dz, dhn, dn
 
 // ------------------------------------------------------------------------------------------- forward
-template <typename scalar_t>
-struct GruForwardStep {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* w_tiles;  // forward_weight_tiles(W_hh): [tiles][H][3][32]
-  const scalar_t* x_proj;   // [N, 3H]: x @ W_ih^T
-  const acc_t* b_ih;        // [3H] or null
-  const acc_t* b_hh;        // [3H] or null
-  const scalar_t* h0;       // [B, H]
-  scalar_t* output;         // [N, H]: h_t; the previous step's rows are this step's h_{t-1}
-  scalar_t* hy;             // [B, H]
-  acc_t* saved;             // [N, 4H]: r, z, n, hn, or null
-  ZoneoutKeep<acc_t> keep;  // zoneout of h (cells.h), or none
-  // Recurrent dropout: the product reads h_{t-1} * mask, which each step writes beside h_t; the cell itself
-  // uses h_{t-1}. All null without it.
-  const acc_t* recurrent_mask;  // [B, H]: 0 or 1 / (1 - p), one per sequence and unit
-  scalar_t* masked_output;      // [N, H]
-  const scalar_t* masked_h0;    // [B, H]
-  int64_t hidden;
-  Step step;  // this step's rows (sequence.h)
-};
 
 template <typename scalar_t, int RPT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_forward_step(const GruForwardStep<scalar_t> p) {
@@ -170,24 +151,6 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
 }
 
 // ------------------------------------------------------------------------------------------ backward
-template <typename scalar_t>
-struct GruBackwardStep {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* w_tiles;      // backward_weight_tiles(W_hh): [tiles][3H][32]
-  const scalar_t* later_grads;  // d_gates rows of the step processed after this one (its row b: + b * 4H)
-  int64_t later_rows;           // rows of this step that fed that later step
-  const scalar_t* grad_output;  // [N, H]
-  acc_t* carry;                 // [B, H]: grad_hy, then each row's direct part dh_t * z_t for its earlier step
-                                // (with zoneout: k dh_t + (1 - k) dh_t * z_t)
-  const acc_t* saved;           // [N, 4H]: r, z, n, hn
-  const scalar_t* output;       // [N, H]
-  const scalar_t* h0;           // [B, H]
-  scalar_t* d_gates;            // [N, 4H]: dr, dz, dhn, dn out
-  ZoneoutKeep<acc_t> keep;      // zoneout of h (cells.h), or none
-  const acc_t* recurrent_mask;  // [B, H] with recurrent dropout, or null
-  int64_t hidden;
-  Step step;  // this step's rows (sequence.h)
-};
 
 template <typename scalar_t, int RPT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(const GruBackwardStep<scalar_t> p) {
@@ -195,13 +158,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gru_backward_step(c
   using Storage = TileStorage<scalar_t, 1, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden;
-  const auto a_rows =
-      tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * kSaved * H; });
   acc_t acc[1][RPT] = {};
-  if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
-    // [dr, dz, dhn] are the first 3H columns of the later step's d_gates rows.
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * kGates * H * kTileUnits, a_rows, kGates * H, acc);
-  }
+  later_gradient_product(tile, p, kGates * H, acc);  // [dr, dz, dhn]_{t+1} @ W_hh
 
   const int64_t j = tile_unit();
   if (j >= H) return;

@@ -16,6 +16,7 @@
 
 #include "../cells.h"
 #include "../checks.h"
+#include "gru_steps.cuh"
 #include "launch.h"
 #include "platform.h"
 #include "step_tile.cuh"
@@ -29,37 +30,27 @@ using OptTensor = std::optional<at::Tensor>;
 constexpr int kSaved = 4;  // r, z, n, rh per hidden unit; also the columns of d_gates: dr, dz, dn, dn
 
 // ------------------------------------------------------------------------------------------- forward
+// The plain GRU's parameters (gru_steps.cuh), w_tiles being W_h[rz]'s ([tiles][H][2][32]) and `saved` the r, z,
+// n, rh of each row ([N, 4H] when saving, else [B, 4H] for this step's rows: gates_by_row says which); with
+// recurrent dropout both products read h_{t-1} * mask.
 template <typename scalar_t>
-struct ResetBeforeForwardStep {
+struct ResetBeforeForwardStep : GruForwardStep<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* w_gates;      // forward_weight_tiles(W_h[rz]): [tiles][H][2][32]
   const scalar_t* w_candidate;  // forward_weight_tiles(W_hn): [tiles][H][1][32]
-  const scalar_t* x_proj;       // [N, 3H]
-  const acc_t* b_ih;            // [3H] or null
-  const acc_t* b_hh;            // [3H] or null
-  const scalar_t* h0;           // [B, H]
-  scalar_t* output;             // [N, H]
-  scalar_t* hy;                 // [B, H]
-  acc_t* gates;                 // r, z, n, rh: [N, 4H] rows (saving) or [B, 4H] rows of this step
-  bool gates_by_row;            // index `gates` by packed row (saving), else by batch row
+  bool gates_by_row;            // index `saved` by packed row (saving), else by batch row
   scalar_t* reset_hidden;       // [B, H]: rh, the second product's A
-  ZoneoutKeep<acc_t> keep;      // zoneout of h (cells.h), or none
-  // Recurrent dropout: both products read h_{t-1} * mask, which each step writes beside h_t. All null without.
-  const acc_t* recurrent_mask;  // [B, H]
-  scalar_t* masked_output;      // [N, H]
-  const scalar_t* masked_h0;    // [B, H]
-  int64_t hidden;
-  Step step;
 
   __device__ __forceinline__ acc_t* gates_of(int64_t b) const {
-    return gates + (gates_by_row ? step.offset + b : b) * kSaved * hidden;
+    return this->saved + (gates_by_row ? this->step.offset + b : b) * kSaved * this->hidden;
   }
   __device__ __forceinline__ const scalar_t* read_row(int64_t b) const {
-    return masked_output ? previous_state(masked_output, masked_h0, b, step, hidden)
-                         : previous_state(output, h0, b, step, hidden);
+    const Step& step = this->step;
+    return this->masked_output ? previous_state(this->masked_output, this->masked_h0, b, step, this->hidden)
+                               : previous_state(this->output, this->h0, b, step, this->hidden);
   }
   __device__ __forceinline__ acc_t bias(int g, int64_t j) const {
-    return b_ih ? b_ih[g * hidden + j] + b_hh[g * hidden + j] : acc_t(0);
+    const int64_t k = g * this->hidden + j;
+    return this->b_ih ? this->b_ih[k] + this->b_hh[k] : acc_t(0);
   }
 };
 
@@ -72,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t H = p.hidden;
   const auto a_rows = tile_rows<scalar_t, RPT>(p.step.rows, [&](int64_t b) { return p.read_row(b); });
   acc_t acc[2][RPT] = {};
-  tile_matmul(tile, p.w_gates + int64_t(blockIdx.y) * H * 2 * kTileUnits, a_rows, H, acc);
+  tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * H * 2 * kTileUnits, a_rows, H, acc);
 
   const int64_t j = tile_unit();
   if (j >= H) return;
@@ -128,23 +119,11 @@ constexpr auto gru_candidate_step_instance = [](auto rpt) {
 };
 
 // ------------------------------------------------------------------------------------------ backward
+// The plain GRU's parameters (gru_steps.cuh), w_tiles being W_h[rz]'s ([tiles][2H][32]), `saved` holding r, z,
+// n, rh, d_gates getting dr, dz, dn, dn, and the carry the gradient reaching h_{t-1} except through W_h[rz].
 template <typename scalar_t>
-struct ResetBeforeBackwardStep {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* w_gates;      // backward_weight_tiles(W_h[rz]): [tiles][2H][32]
+struct ResetBeforeBackwardStep : GruBackwardStep<scalar_t> {
   const scalar_t* w_candidate;  // backward_weight_tiles(W_hn): [tiles][H][32]
-  const scalar_t* later_grads;  // d_gates rows of the step processed after this one (its row b: + b * 4H)
-  int64_t later_rows;           // rows of this step that fed that later step
-  const scalar_t* grad_output;  // [N, H]
-  acc_t* carry;                 // [B, H]: grad_hy, then the gradient reaching h_{t-1} except through W_h[rz]
-  const acc_t* saved;           // [N, 4H]: r, z, n, rh
-  const scalar_t* output;       // [N, H]
-  const scalar_t* h0;           // [B, H]
-  scalar_t* d_gates;            // [N, 4H]: dr, dz, dn, dn out
-  ZoneoutKeep<acc_t> keep;      // zoneout of h (cells.h), or none
-  const acc_t* recurrent_mask;  // [B, H] with recurrent dropout, or null
-  int64_t hidden;
-  Step step;
 };
 
 template <typename scalar_t, int RPT>
@@ -154,13 +133,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   using Storage = TileStorage<scalar_t, 1, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden;
-  const auto a_rows =
-      tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * kSaved * H; });
   acc_t acc[1][RPT] = {};
-  if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
-    // [dr, dz] are the first 2H columns of the later step's d_gates rows.
-    tile_matmul(tile, p.w_gates + int64_t(blockIdx.y) * 2 * H * kTileUnits, a_rows, 2 * H, acc);
-  }
+  later_gradient_product(tile, p, 2 * H, acc);  // [dr, dz]_{t+1} @ W_h[rz]
 
   const int64_t j = tile_unit();
   if (j >= H) return;
@@ -230,23 +204,23 @@ void gru_reset_before_forward(const std::vector<Step>& schedule, const GruResetB
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x_proj.scalar_type(),
                                   "gatedrnn_gru_reset_before_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ResetBeforeForwardStep<scalar_t> p{w_gates.const_data_ptr<scalar_t>(),
+    ResetBeforeForwardStep<scalar_t> p{{w_gates.const_data_ptr<scalar_t>(),
+                                        f.x_proj.const_data_ptr<scalar_t>(),
+                                        data_or_null<acc_t>(f.b_ih),
+                                        data_or_null<acc_t>(f.b_hh),
+                                        f.h0.const_data_ptr<scalar_t>(),
+                                        f.output2d.data_ptr<scalar_t>(),
+                                        f.hy.data_ptr<scalar_t>(),
+                                        step_gates.data_ptr<acc_t>(),
+                                        zoneout_keep<acc_t>(f.zoneout),
+                                        data_or_null<acc_t>(f.recurrent_mask),
+                                        dropout ? f.masked_output.data_ptr<scalar_t>() : nullptr,
+                                        dropout ? f.masked_h0.const_data_ptr<scalar_t>() : nullptr,
+                                        H,
+                                        Step{}},
                                        w_candidate.const_data_ptr<scalar_t>(),
-                                       f.x_proj.const_data_ptr<scalar_t>(),
-                                       data_or_null<acc_t>(f.b_ih),
-                                       data_or_null<acc_t>(f.b_hh),
-                                       f.h0.const_data_ptr<scalar_t>(),
-                                       f.output2d.data_ptr<scalar_t>(),
-                                       f.hy.data_ptr<scalar_t>(),
-                                       step_gates.data_ptr<acc_t>(),
                                        save,
-                                       reset_hidden.data_ptr<scalar_t>(),
-                                       zoneout_keep<acc_t>(f.zoneout),
-                                       data_or_null<acc_t>(f.recurrent_mask),
-                                       dropout ? f.masked_output.data_ptr<scalar_t>() : nullptr,
-                                       dropout ? f.masked_h0.const_data_ptr<scalar_t>() : nullptr,
-                                       H,
-                                       Step{}};
+                                       reset_hidden.data_ptr<scalar_t>()};
     for (const Step& step : schedule) {
       p.step = step;
       launch_step(step.rows, H, gru_reset_gates_step_instance<scalar_t>, p);
@@ -265,7 +239,7 @@ void gru_reset_before_backward(const std::vector<Step>& schedule, const Tensor& 
                                   "gatedrnn_gru_reset_before_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ResetBeforeBackwardStep<scalar_t> p{};
-    p.w_gates = w_gates.const_data_ptr<scalar_t>();
+    p.w_tiles = w_gates.const_data_ptr<scalar_t>();
     p.w_candidate = w_candidate.const_data_ptr<scalar_t>();
     p.grad_output = grad_out2d.const_data_ptr<scalar_t>();
     p.carry = carry.data_ptr<acc_t>();
