@@ -4,8 +4,9 @@ Keras keeps an LSTM's weights as kernel [input, 4H], recurrent_kernel [H, 4H] an
 order i, f, c, o (torch's i, f, g, o); a GRU's as kernel [input, 3H], recurrent_kernel [H, 3H], gates z, r, h
 (torch's r, z, n), and with reset_after=True (Keras' default, torch's formulation) a bias of two rows, the
 input one and the recurrent one; with reset_after=False (gatedrnn's GRU(reset_after=False)) one bias [3H],
-which all enters the pre-activations directly. Keras' RNNs are batch-first and single-layer; Bidirectional wraps a forward
-and a backward layer and concatenates their outputs (merge_mode="concat"), as torch's bidirectional RNNs do.
+which all enters the pre-activations directly. Keras' RNNs are batch-first and single-layer; Bidirectional
+wraps a forward and a backward layer and concatenates their outputs (merge_mode="concat"), as torch's
+bidirectional RNNs do.
 
 Keras is never imported here unless the caller passes a Keras layer (which has imported it already).
 """
@@ -149,8 +150,9 @@ def _keras_direction(module, suffix):
 def to_keras_weights(module):
     """Keras' weight list (``layer.set_weights(...)``) for a single-layer ``gatedrnn.LSTM`` or ``GRU``: kernel,
     recurrent_kernel and, with bias, the bias (an LSTM's two biases summed; a GRU's as Keras' two rows for
-    reset_after=True, summed for reset_after=False), forward direction then backward for a bidirectional module (Keras' Bidirectional
-    order). Keras has no projections and one layer per RNN layer: proj_size and num_layers > 1 are refused."""
+    reset_after=True, summed for reset_after=False), forward direction then backward for a bidirectional
+    module (Keras' Bidirectional order). Keras has no projections and one layer per RNN layer: proj_size and
+    num_layers > 1 are refused."""
     if isinstance(module, GoBackwards):
         module = module.module
     if getattr(module, "mode", None) not in ("LSTM", "GRU"):

@@ -7,8 +7,8 @@ registry when onnxscript is installed (it is what the exporter itself needs), so
 call needs nothing more. Each translation is one ONNX node with torch.nn's semantics: the LSTM's gates
 reordered from torch's i, f, g, o to ONNX's i, o, f, c; the GRU's from r, z, n to z, r, h, with
 linear_before_reset=1 (torch's GRU applies the reset gate after W_hn h + b_hn), or 0 for reset_after=False
-(the reset gate multiplies h before W_hn: ONNX's default GRU). Batch and sequence length
-stay dynamic. Padded input with `lengths` becomes the node's sequence_lens, which has the same meaning (zero
+(the reset gate multiplies h before W_hn: ONNX's default GRU). Batch and sequence length stay dynamic.
+Padded input with `lengths` becomes the node's sequence_lens, which has the same meaning (zero
 outputs past a sequence's length, final states from its own last step, reverse from its own last element).
 Projections and packed input have no standard node: the modules refuse them by name when they
 see an export in progress, and the translations refuse them too (an export whose capture does not run the

@@ -96,8 +96,9 @@ def gru_over(layer_fn):
             reset_after=True):
         """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does. reset_after=False
         is Cho et al.'s GRU (Keras' reset_after=False): the reset gate multiplies h_{t-1} before W_hn."""
-        output, (hy,) = run_layers(functools.partial(layer_fn, reset_after=reset_after), input, batch_sizes, (hx,), weights, bias=bias, proj=False,
-                                   num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+        output, (hy,) = run_layers(functools.partial(layer_fn, reset_after=reset_after), input, batch_sizes, (hx,),
+                                   weights, bias=bias, proj=False, num_layers=num_layers,
+                                   bidirectional=bidirectional, dropout=dropout,
                                    training=training, lengths=lengths, zoneout=(zoneout,),
                                    weight_dropout=weight_dropout, recurrent_dropout=recurrent_dropout,
                                    input_dropout=input_dropout)

@@ -203,8 +203,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   if (b_ih.has_value()) {
     // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r, unless the reset
     // comes before the product.
-    bias_input = reset_after ? *b_ih + at::cat({b_hh->narrow(0, 0, 2 * s.hidden), at::zeros({s.hidden}, b_hh->options())})
-                             : *b_ih + *b_hh;
+    const auto hn_zeros = at::zeros({s.hidden}, b_hh->options());
+    bias_input = reset_after ? *b_ih + at::cat({b_hh->narrow(0, 0, 2 * s.hidden), hn_zeros}) : *b_ih + *b_hh;
   }
   auto output2d = at::empty({s.rows, s.hidden}, input.options());
 
