@@ -59,8 +59,13 @@ def smoke(device):
 
 
 CASES = [  # (mode, batch, input, hidden, steps): the benchmark's main shape and its B=1 shape
-    ("LSTM", 64, 512, 512, 100), ("GRU", 64, 512, 512, 100), ("LSTM", 1, 128, 128, 50), ("GRU", 1, 128, 128, 50)]
-TINY_CASES = [("LSTM", 3, 5, 8, 4), ("GRU", 3, 5, 8, 4)]
+    ("LSTM", 64, 512, 512, 100), ("GRU", 64, 512, 512, 100), ("LSTM", 1, 128, 128, 50), ("GRU", 1, 128, 128, 50),
+    ("GRU reset_after=False", 64, 512, 512, 100)]
+TINY_CASES = [("LSTM", 3, 5, 8, 4), ("GRU", 3, 5, 8, 4), ("GRU reset_after=False", 3, 5, 8, 4)]
+# The gates (blocks of H rows of W_hh) each step kernel's product covers: its FLOPs are 2 * B * gates * H * H.
+KERNEL_GATES = {"lstm_forward_step": 4, "lstm_backward_step": 4, "gru_forward_step": 3, "gru_backward_step": 3,
+                "gru_reset_gates_step": 2, "gru_candidate_step": 1, "gru_update_backward_step": 2,
+                "gru_reset_backward_step": 1}
 
 
 def kernel_times(prof):
@@ -87,7 +92,9 @@ def step_times(path, device, cases):
     for mode, batch, inputs, hidden, steps in cases:
         for dtype in (torch.float32, torch.bfloat16):
             for train in (False, True):
-                module = getattr(gatedrnn, mode)(inputs, hidden).to(device, dtype)
+                kind, *options = mode.split()
+                kwargs = {"reset_after": False} if "reset_after=False" in options else {}
+                module = getattr(gatedrnn, kind)(inputs, hidden, **kwargs).to(device, dtype)
                 x = torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=train)
 
                 def run():
@@ -106,10 +113,10 @@ def step_times(path, device, cases):
                 with profile(activities=activities) as prof:
                     run()
                     synchronize(device)
-                gates = 4 if mode == "LSTM" else 3
                 for name, (launches, total) in sorted(kernel_times(prof).items()):
                     per_launch = total / launches
-                    flops = 2 * batch * gates * hidden * hidden  # the per-step product, forward or backward
+                    gates = KERNEL_GATES[name.split("<")[0]]
+                    flops = 2 * batch * gates * hidden * hidden  # the kernel's product, forward or backward
                     label = f"{mode} {'train' if train else 'infer'} T={steps} B={batch} I={inputs} H={hidden}"
                     rows.append(f"| {label} | {str(dtype).replace('torch.', '')} | `{name}` | {launches} | "
                                 f"{per_launch:.1f} | {flops / per_launch / 1e3:.0f} | {wall:.1f} |")

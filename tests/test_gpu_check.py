@@ -273,3 +273,9 @@ def test_step_kernel_times_are_read_from_profiler_events():
               types.SimpleNamespace(key="ampere_sgemm_128x64_tn", count=1, device_time_total=80.0)]
     prof = types.SimpleNamespace(key_averages=lambda: events)
     assert workloads.kernel_times(prof) == {"lstm_forward_step<float, 4>": (100, 500.0)}
+
+
+def test_every_step_kernel_has_its_product_size():
+    """step-times computes each kernel's GFLOP/s from the gates its product covers: every step kernel that
+    .ci/kernel_resources.py checks must have that count."""
+    assert set(_load("gpu_workloads").KERNEL_GATES) == set(_load("kernel_resources").KERNELS)
