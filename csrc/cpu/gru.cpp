@@ -22,6 +22,7 @@
 #include "loops.h"
 #include "matmul.h"
 #include "bf16.h"
+#include "gru_backward_state.h"
 #include "gru_reset_before.h"
 #include "products.h"
 #include "team.h"
@@ -241,19 +242,14 @@ constexpr int64_t kGradCols = 4;
 
 // One backward step over Contiguous tiles of 4L hidden units: dh_t = grad_output + carry + [dr, dz,
 // dhn]_{t+1} @ W_hh, then step t's derivative; the carry becomes the direct part dh_t * z reaching h_{t-1}.
+// saved: r, z, n, hn; d_gates: dr, dz, dhn, dn; the carry: the direct part of the gradient reaching h_{t-1}.
 template <typename T>
-struct BackwardTiles : TileBase<T, 4> {
+struct BackwardTiles : TileBase<T, 4>, GruBackwardState<T> {
+  using State = GruBackwardState<T>;  // members of a dependent base, named here for the code below
+  using State::carry, State::d_gates, State::grad_output, State::hidden, State::keep, State::later,
+      State::recurrent_mask, State::saved, State::states, State::step;
   static constexpr int kGroups = 4;
-  LaterRows<T> later;
-  const T* saved;        // [N, 4H]: r, z, n, hn
-  RecurrentStates<const T> states;  // h_{t-1} of each row (unmasked)
-  const T* grad_output;  // [N, H]
-  T* carry;              // [B, H]: grad_hy, then the direct part of the gradient reaching h_{t-1}
-  T* d_gates;            // [N, 4H]: dr, dz, dhn, dn
-  ZoneoutKeep<T> keep;   // zoneout of h (cells.h), or none
-  const T* recurrent_mask;  // [B, H] with recurrent dropout, or null
-  int64_t hidden, rows;
-  Step step;
+  int64_t rows;
 
   const T* a_row(int64_t b) const { return later.row(b); }
 
@@ -304,23 +300,15 @@ template <typename T>
 void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const Tensor& grad_out2d,
                        const Tensor& saved, const Tensor& output2d, const Tensor& h0, const Tensor& w_hh,
                        Tensor& d_gates, Tensor& carry, const OptTensor& zoneout, const OptTensor& recurrent_mask) {
-  const int64_t H = s.hidden, G = kGradCols * H, L = tile_lanes<T>();
+  const int64_t H = s.hidden, L = tile_lanes<T>();
   // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
   const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
   const auto zeros = at::zeros({kGates * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
-  BackwardTiles<T> cell{{hh.const_data_ptr<T>(), hh.stride(0), kGates * H},
-                        LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0},
-                        saved.const_data_ptr<T>(),
-                        {h0.const_data_ptr<T>(), output2d.const_data_ptr<T>(), nullptr, nullptr, H},
-                        grad_out2d.const_data_ptr<T>(),
-                        carry.data_ptr<T>(),
-                        d_gates.data_ptr<T>(),
-                        zoneout_keep<T>(zoneout),
-                        recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                        H,
-                        0,
-                        Step{}};
+  BackwardTiles<T> cell{
+      {hh.const_data_ptr<T>(), hh.stride(0), kGates * H},
+      gru_backward_state<T>(d_gates, zeros, saved, output2d, h0, grad_out2d, carry, zoneout, recurrent_mask),
+      0};
   run_team([&](const Team& team) {
     auto st = cell;
     for (size_t k = schedule.size(); k-- > 0;) {

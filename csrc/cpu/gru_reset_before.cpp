@@ -15,6 +15,7 @@
 #include <array>
 
 #include "../cells.h"
+#include "gru_backward_state.h"
 #include "loops.h"
 #include "products.h"
 #include "team.h"
@@ -204,20 +205,10 @@ void forward_loop(const std::vector<Step>& schedule, const LayerShape& s, const 
 }
 
 // ------------------------------------------------------------------------------------------ backward
+// saved: r, z, n, rh; d_gates: dr, dz, dn, dn; the carry: the gradient reaching h_{t-1} except through W_h[rz].
 template <typename T>
-struct BackwardStep {
-  LaterRows<T> later;       // d_gates rows of the step processed before this one; phase one reads [dr, dz]
-  const T* saved;           // [N, 4H]: r, z, n, rh
-  RecurrentStates<const T> states;  // h_{t-1} of each row (unmasked)
-  const T* grad_output;     // [N, H]
-  T* carry;                 // [B, H]: grad_hy, then the gradient reaching h_{t-1} except through W_h[rz]
-  T* d_gates;               // [N, 4H]: dr, dz, dn, dn
-  ZoneoutKeep<T> keep;      // zoneout of h (cells.h), or none
-  const T* recurrent_mask;  // [B, H] with recurrent dropout, or null
-  int64_t hidden;
-  Step step;
-
-  const T* prev_row(int64_t b) const { return states.prev_row(step, b); }
+struct BackwardStep : GruBackwardState<T> {
+  const T* prev_row(int64_t b) const { return this->states.prev_row(this->step, b); }
 };
 
 // Phase one: dh = grad_output + carry + [dr, dz]_{t+1} @ W_h[rz] for 4L units, then dz, dn and the direct part.
@@ -308,16 +299,8 @@ void backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const
   const auto hn = pack_tiles(w_hh.narrow(0, 2 * H, H).t(), 4, L, Columns::Contiguous, Scratch::PackedProjection);
   const auto zeros = at::zeros({2 * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
-  const BackwardStep<T> step{LaterRows<T>{d_gates.const_data_ptr<T>(), zeros.const_data_ptr<T>(), kSaved * H, 0, 0},
-                             saved.const_data_ptr<T>(),
-                             {h0.const_data_ptr<T>(), output2d.const_data_ptr<T>(), nullptr, nullptr, H},
-                             grad_out2d.const_data_ptr<T>(),
-                             carry.data_ptr<T>(),
-                             d_gates.data_ptr<T>(),
-                             zoneout_keep<T>(zoneout),
-                             recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                             H,
-                             Step{}};
+  const BackwardStep<T> step{
+      gru_backward_state<T>(d_gates, zeros, saved, output2d, h0, grad_out2d, carry, zoneout, recurrent_mask)};
   run_team([&](const Team& team) {
     auto st = step;
     for (size_t k = schedule.size(); k-- > 0;) {
