@@ -123,15 +123,23 @@ struct LstmGateGrads {
 // dh: gradient reaching h_t (pre-projection), dc: gradient reaching c_t from step t+1 (or cy).
 // Writes the pre-activation gradients and returns the gradient reaching c_{t-1}.
 
+// The pre-activation gradients from dc_total, the whole gradient reaching c~ = f * c_{t-1} + i * g, and
+// d_o, the gradient reaching the post-activation o.
+template <typename acc_t>
+GATEDRNN_HD void lstm_gate_grads(const LstmGates<acc_t>& a, acc_t c_prev, acc_t dc_total, acc_t d_o,
+                                 LstmGateGrads<acc_t>& d_pre) {
+  d_pre.i = dc_total * a.g * a.i * (acc_t(1) - a.i);
+  d_pre.f = dc_total * c_prev * a.f * (acc_t(1) - a.f);
+  d_pre.g = dc_total * a.i * (acc_t(1) - a.g * a.g);
+  d_pre.o = d_o * a.o * (acc_t(1) - a.o);
+}
+
 template <typename acc_t>
 GATEDRNN_HD acc_t lstm_backward(const LstmGates<acc_t>& a, acc_t c, acc_t c_prev, acc_t dh, acc_t dc,
                                 LstmGateGrads<acc_t>& d_pre) {
   const acc_t tc = tanh_(c);
   const acc_t dc_total = dc + dh * a.o * (acc_t(1) - tc * tc);
-  d_pre.i = dc_total * a.g * a.i * (acc_t(1) - a.i);
-  d_pre.f = dc_total * c_prev * a.f * (acc_t(1) - a.f);
-  d_pre.g = dc_total * a.i * (acc_t(1) - a.g * a.g);
-  d_pre.o = dh * tc * a.o * (acc_t(1) - a.o);
+  lstm_gate_grads(a, c_prev, dc_total, dh * tc, d_pre);
   return dc_total * a.f;
 }
 

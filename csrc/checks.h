@@ -193,7 +193,8 @@ inline LayerShape check_lstm_backward_args(const char* op, const at::Tensor& gra
                                            const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
                                            const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                            const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
-                                           const at::Tensor& gates, const at::Tensor& cells) {
+                                           const at::Tensor& gates, const at::Tensor& cells,
+                                           int64_t cells_width = 0) {
   const LayerShape s = check_lstm_forward_args(op, input, batch_sizes, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt,
                                                w_hr);
   check_device_and_numel(op, input, grad_output, s.rows * s.state, "grad_output");
@@ -203,22 +204,35 @@ inline LayerShape check_lstm_backward_args(const char* op, const at::Tensor& gra
   check_device_and_numel(op, input, grad_cy, s.batch * s.hidden, "grad_cy");
   check_shape(op, grad_cy, {s.batch, s.hidden}, "grad_cy");
   check_saved(op, input, gates, s.rows * 4 * s.hidden, "gates");
-  check_saved(op, input, cells, s.rows * s.hidden, "cells");
+  // cells_width: columns per row, 0 for H (c_t); with layer_norm c_t and the norms (layer_norm.h).
+  check_saved(op, input, cells, s.rows * (cells_width ? cells_width : s.hidden), "cells");
   return s;
 }
 
 inline LayerShape check_gru_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                                           const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
                                           const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                          const at::Tensor& output, const at::Tensor& saved) {
+                                          const at::Tensor& output, const at::Tensor& saved,
+                                          int64_t saved_width = 0) {
   const LayerShape s =
       check_layer_args(op, 3, input, batch_sizes, hx, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt);
   check_device_and_numel(op, input, grad_output, s.rows * s.hidden, "grad_output");
   check_device_and_numel(op, input, output, s.rows * s.hidden, "output");
   check_device_and_numel(op, input, grad_hy, s.batch * s.hidden, "grad_hy");
   check_shape(op, grad_hy, {s.batch, s.hidden}, "grad_hy");
-  check_saved(op, input, saved, s.rows * 4 * s.hidden, "r, z, n, hn");
+  // saved_width: columns per row, 0 for 4H (r, z, n, hn); with layer_norm those and the norms (layer_norm.h).
+  check_saved(op, input, saved, s.rows * (saved_width ? saved_width : 4 * s.hidden), "r, z, n, hn");
   return s;
+}
+
+// A layer_norm tensor (layer_norm.h): [2, norms * H], gains then biases, like the input and on its device.
+inline void check_layer_norm(const char* op, const at::Tensor& input, const at::Tensor& layer_norm, int64_t columns) {
+  TORCH_CHECK(layer_norm.scalar_type() == input.scalar_type() && layer_norm.device() == input.device(), op,
+              ": expected layer_norm to be a ", input.scalar_type(), " tensor on ", input.device(), ", but got a ",
+              layer_norm.scalar_type(), " tensor on ", layer_norm.device());
+  TORCH_CHECK(layer_norm.dim() == 2 && layer_norm.size(0) == 2 && layer_norm.size(1) == columns, op,
+              ": expected layer_norm of size [2, ", columns, "] (the norms' gains, then their biases), but got ",
+              layer_norm.sizes());
 }
 
 }  // namespace gatedrnn

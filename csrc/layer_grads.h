@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "sequence.h"
@@ -85,21 +87,50 @@ struct LstmGrads {
   at::Tensor input, w_ih, w_hh, bias, w_hr;
 };
 
+// The gradients that flow through the two products, from d_input_proj [N, G*H], the gradient reaching the
+// input projection x @ W_ih^T, and d_recurrent [N, G*H], the one reaching h_{t-1} @ W_hh^T: the input's, W_ih's
+// and W_hh's. They are the same tensor (the pre-activation gradients) unless layer_norm sits between the
+// products and the gates.
+struct ProductGrads {
+  at::Tensor input, w_ih, w_hh;
+};
+
+inline ProductGrads product_grads(const LayerGradArgs& a, const at::Tensor& d_input_proj,
+                                  const at::Tensor& d_recurrent) {
+  const auto [want_input, want_weights, want_bias] = a.output_mask;
+  const auto dtype = a.storage.dtype();
+  ProductGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
+  if (want_input) g.input = product(a.matmul, d_input_proj, a.w_ih).view(a.input_shape).to(dtype);
+  if (want_weights) {
+    g.w_ih = product(a.matmul, d_input_proj.t(), a.x2d).to(dtype);
+    g.w_hh = recurrent_weight_grad(a.matmul, d_recurrent, a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
+  }
+  return g;
+}
+
 // d_gates: [N, 4H] pre-activation gradients (i, f, g, o). With a projection, d_proj [N, R] is the gradient
 // reaching each projected output and pre_proj [N, H] the hidden values before the projection.
 inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates, const at::Tensor& d_proj,
                                   const at::Tensor& pre_proj) {
   const auto [want_input, want_weights, want_bias] = a.output_mask;
   const auto dtype = a.storage.dtype();
-  LstmGrads g{no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a), no_grad_tensor(a)};
-  if (want_input) g.input = product(a.matmul, d_gates, a.w_ih).view(a.input_shape).to(dtype);
-  if (want_weights) {
-    g.w_ih = product(a.matmul, d_gates.t(), a.x2d).to(dtype);
-    g.w_hh = recurrent_weight_grad(a.matmul, d_gates, a.output2d, a.h0, a.schedule, a.dense, a.reverse).to(dtype);
-    if (d_proj.defined()) g.w_hr = product(a.matmul, d_proj.t(), pre_proj).to(dtype);
-  }
+  const auto products = product_grads(a, d_gates, d_gates);
+  LstmGrads g{products.input, products.w_ih, products.w_hh, no_grad_tensor(a), no_grad_tensor(a)};
+  if (want_weights && d_proj.defined()) g.w_hr = product(a.matmul, d_proj.t(), pre_proj).to(dtype);
   if (want_bias) g.bias = d_gates.sum(0).to(dtype);
   return g;
+}
+
+// The gradient of a layer_norm tensor (layer_norm.h): [2, sum of n_k], gains then biases, from each norm's
+// normalised rows x_hat [N, n_k] (any row stride) and the gradient d_out [N, n_k] reaching its output.
+inline at::Tensor norm_param_grads(std::initializer_list<std::pair<at::Tensor, at::Tensor>> norms,
+                                   const at::TensorOptions& storage) {
+  std::vector<at::Tensor> gains, biases;
+  for (const auto& [x_hat, d_out] : norms) {
+    gains.push_back((d_out * x_hat).sum(0));
+    biases.push_back(d_out.sum(0));
+  }
+  return at::stack({at::cat(gains), at::cat(biases)}).to(storage.dtype());
 }
 
 struct GruGrads {

@@ -5,7 +5,8 @@
 // [B, I], one mask per sequence held over all steps, Keras' `dropout`: the implementation runs on x * mask, and
 // the input's gradient is the dropped input's times the mask). The implementations do the rest, recurrent
 // dropout (`recurrent_mask`) included: csrc/cpu/{lstm,gru}.cpp and csrc/cuda/{lstm,gru}.cu register these
-// templates over their own functions.
+// templates over their own functions; with `layer_norm`, over the device's layer_norm implementations
+// (csrc/cpu/layer_norm.cpp), where it has them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,6 +68,20 @@ using LstmBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&
                                             const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, bool, std::array<bool, 3>,
                                             const OptTensor&, const OptTensor&, const OptTensor&);
+// layer_norm (layer_norm.h) runs its own implementations, on the devices that have one: the ops' arguments
+// with the layer_norm tensor in place of weight_hr (the LSTM's; it refuses a projection) or of reset_after
+// (the GRU's; it is the reset_after=True cell), and as backward result the layer_norm tensor's gradient in
+// place of weight_hr's (LSTM) or after the biases' (GRU).
+using LstmNormForward = LstmForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const OptTensor&, const OptTensor&, const at::Tensor&, bool, bool,
+                                              const OptTensor&, const OptTensor&, const OptTensor&, int64_t);
+using LstmNormBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
+                                                const OptTensor&, const OptTensor&);
 using GruForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GruForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool,
@@ -76,110 +91,179 @@ using GruBackward = GruBackwardResult (*)(const at::Tensor&, const at::Tensor&, 
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
                                           const OptTensor&, bool);
+using GruNormForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                            bool, bool, const OptTensor&, const OptTensor&, int64_t, const at::Tensor&);
+using GruNormBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using GruNormBackward = GruNormBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                  std::array<bool, 3>, const OptTensor&, const OptTensor&,
+                                                  const at::Tensor&);
+using LstmOpBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <LstmForward Impl>
+// Refuses layer_norm where the device has no implementation of it, and what no implementation supports.
+template <bool kHasNormImpl>
+inline void check_layer_norm_runs(const char* op, const at::Tensor& input, const OptTensor& w_hr, bool reset_after) {
+  TORCH_CHECK(kHasNormImpl, op, ": layer_norm has no kernel for ", input.device().type(),
+              " tensors yet; run the layer on the CPU");
+  TORCH_CHECK(!w_hr.has_value(), op, ": layer_norm does not support a projection (weight_hr, proj_size > 0)");
+  TORCH_CHECK(reset_after, op, ": layer_norm does not support reset_after=False");
+}
+
+template <LstmForward Impl, LstmNormForward NormImpl = nullptr>
 LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                   const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
                                   bool save, const OptTensor& lengths, const OptTensor& zoneout,
                                   const OptTensor& zoneout_cell, const OptTensor& weight_hh_mask,
-                                  const OptTensor& recurrent_mask, const OptTensor& input_mask) {
+                                  const OptTensor& recurrent_mask, const OptTensor& input_mask,
+                                  const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::lstm_forward";
+  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, w_hr, true);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
+  const auto run = [&](const at::Tensor& x, const OptTensor& sizes, const at::Tensor& h, const at::Tensor& c,
+                       const OptTensor& keep_h, const OptTensor& keep_c, const OptTensor& mask, int64_t saved_rows) {
+    if constexpr (NormImpl != nullptr) {
+      if (layer_norm) {
+        return NormImpl(x, sizes, h, c, w_ih, w_hh_run, b_ih, b_hh, *layer_norm, reverse, save, keep_h, keep_c, mask,
+                        saved_rows);
+      }
+    }
+    return Impl(x, sizes, h, c, w_ih, w_hh_run, b_ih, b_hh, w_hr, reverse, save, keep_h, keep_c, mask, saved_rows);
+  };
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
-  if (!plan) {
-    return Impl(x_run, batch_sizes, hx, cx, w_ih, w_hh_run, b_ih, b_hh, w_hr, reverse, save, zoneout, zoneout_cell,
-                recurrent_mask, 0);
-  }
+  if (!plan) return run(x_run, batch_sizes, hx, cx, zoneout, zoneout_cell, recurrent_mask, 0);
   const PackedPlan& p = *plan;
   auto [output, hy, cy, gates, cells] =
-      Impl(gather_packed(p, x_run), p.batch_sizes, to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"),
-           w_ih, w_hh_run, b_ih, b_hh, w_hr, reverse, save, gather_packed(p, zoneout), gather_packed(p, zoneout_cell),
-           packed_order(op, p, recurrent_mask), p.steps * p.batch);
+      run(gather_packed(p, x_run), p.batch_sizes, to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"),
+          gather_packed(p, zoneout), gather_packed(p, zoneout_cell), packed_order(op, p, recurrent_mask),
+          p.steps * p.batch);
   return {scatter_padded(p, output), to_padded_order(p, hy), to_padded_order(p, cy), gates, cells};
 }
 
-template <LstmBackward Impl>
-LstmBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                                    const at::Tensor& grad_cy, const at::Tensor& input, const OptTensor& batch_sizes,
-                                    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-                                    const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& output,
-                                    const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-                                    std::array<bool, 3> output_mask, const OptTensor& lengths,
-                                    const OptTensor& zoneout, const OptTensor& zoneout_cell,
-                                    const OptTensor& weight_hh_mask, const OptTensor& recurrent_mask,
-                                    const OptTensor& input_mask) {
+template <LstmBackward Impl, LstmNormBackward NormImpl = nullptr>
+LstmOpBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                      const at::Tensor& grad_cy, const at::Tensor& input, const OptTensor& batch_sizes,
+                                      const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const OptTensor& w_hr, const at::Tensor& output,
+                                      const at::Tensor& gates, const at::Tensor& cells, bool reverse,
+                                      std::array<bool, 3> output_mask, const OptTensor& lengths,
+                                      const OptTensor& zoneout, const OptTensor& zoneout_cell,
+                                      const OptTensor& weight_hh_mask, const OptTensor& recurrent_mask,
+                                      const OptTensor& input_mask, const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::lstm_backward";
+  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, w_hr, true);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
+  // The implementation's gradients, the layer_norm tensor's last (empty without it).
+  const auto run = [&](const at::Tensor& d_out, const at::Tensor& d_hy, const at::Tensor& d_cy, const at::Tensor& x,
+                       const OptTensor& sizes, const at::Tensor& h, const at::Tensor& c, const at::Tensor& out,
+                       const at::Tensor& saved_gates, const at::Tensor& saved_cells, const OptTensor& keep_h,
+                       const OptTensor& keep_c, const OptTensor& mask) -> LstmOpBackwardResult {
+    if constexpr (NormImpl != nullptr) {
+      if (layer_norm) {
+        auto [d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_norm] =
+            NormImpl(d_out, d_hy, d_cy, x, sizes, h, c, w_ih, w_hh_run, *layer_norm, out, saved_gates, saved_cells,
+                     reverse, output_mask, keep_h, keep_c, mask);
+        return {d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, at::empty({0}, d_bias.options()), d_norm};
+      }
+    }
+    auto [d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_w_hr] =
+        Impl(d_out, d_hy, d_cy, x, sizes, h, c, w_ih, w_hh_run, w_hr, out, saved_gates, saved_cells, reverse,
+             output_mask, keep_h, keep_c, mask);
+    return {d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_w_hr, at::empty({0}, d_bias.options())};
+  };
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
-    auto grads = Impl(grad_output, grad_hy, grad_cy, x_run, batch_sizes, hx, cx, w_ih, w_hh_run, w_hr, output, gates,
-                      cells, reverse, output_mask, zoneout, zoneout_cell, recurrent_mask);
+    auto grads = run(grad_output, grad_hy, grad_cy, x_run, batch_sizes, hx, cx, output, gates, cells, zoneout,
+                     zoneout_cell, recurrent_mask);
     std::get<0>(grads) = undropped_input_grad(std::get<0>(grads), batch_sizes, input_mask);
     std::get<4>(grads) = undropped_grad(std::get<4>(grads), weight_hh_mask);
     return grads;
   }
   const PackedPlan& p = *plan;
-  auto [d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr] =
-      Impl(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"),
-           to_packed_order(op, p, grad_cy, "grad_cy"), gather_packed(p, x_run), p.batch_sizes,
-           to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"), w_ih, w_hh_run, w_hr,
-           gather_packed(p, output), packed_saved(op, p, gates), packed_saved(op, p, cells), reverse, output_mask,
-           gather_packed(p, zoneout), gather_packed(p, zoneout_cell), packed_order(op, p, recurrent_mask));
+  auto [d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr, d_norm] =
+      run(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"),
+          to_packed_order(op, p, grad_cy, "grad_cy"), gather_packed(p, x_run), p.batch_sizes,
+          to_packed_order(op, p, hx, "hx"), to_packed_order(op, p, cx, "cx"), gather_packed(p, output),
+          packed_saved(op, p, gates), packed_saved(op, p, cells), gather_packed(p, zoneout),
+          gather_packed(p, zoneout_cell), packed_order(op, p, recurrent_mask));
   return {undropped_input_grad(padded_grad(p, d_input), batch_sizes, input_mask), to_padded_order(p, d_hx),
-          to_padded_order(p, d_cx), d_w_ih, undropped_grad(d_w_hh, weight_hh_mask), d_bias, d_w_hr};
+          to_padded_order(p, d_cx), d_w_ih, undropped_grad(d_w_hh, weight_hh_mask), d_bias, d_w_hr, d_norm};
 }
 
-template <GruForward Impl>
+template <GruForward Impl, GruNormForward NormImpl = nullptr>
 GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                                 const OptTensor& b_hh, bool reverse, bool save, const OptTensor& lengths,
                                 const OptTensor& zoneout, const OptTensor& weight_hh_mask,
-                                const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after) {
+                                const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after,
+                                const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::gru_forward";
+  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, std::nullopt, reset_after);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
+  const auto run = [&](const at::Tensor& x, const OptTensor& sizes, const at::Tensor& h, const OptTensor& keep,
+                       const OptTensor& mask, int64_t saved_rows) {
+    if constexpr (NormImpl != nullptr) {
+      if (layer_norm) {
+        return NormImpl(x, sizes, h, w_ih, w_hh_run, b_ih, b_hh, reverse, save, keep, mask, saved_rows, *layer_norm);
+      }
+    }
+    return Impl(x, sizes, h, w_ih, w_hh_run, b_ih, b_hh, reverse, save, keep, mask, saved_rows, reset_after);
+  };
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
-  if (!plan) {
-    return Impl(x_run, batch_sizes, hx, w_ih, w_hh_run, b_ih, b_hh, reverse, save, zoneout, recurrent_mask, 0,
-                reset_after);
-  }
+  if (!plan) return run(x_run, batch_sizes, hx, zoneout, recurrent_mask, 0);
   const PackedPlan& p = *plan;
-  auto [output, hy, saved] =
-      Impl(gather_packed(p, x_run), p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih, w_hh_run, b_ih, b_hh,
-           reverse, save, gather_packed(p, zoneout), packed_order(op, p, recurrent_mask), p.steps * p.batch,
-           reset_after);
+  auto [output, hy, saved] = run(gather_packed(p, x_run), p.batch_sizes, to_packed_order(op, p, hx, "hx"),
+                                 gather_packed(p, zoneout), packed_order(op, p, recurrent_mask), p.steps * p.batch);
   return {scatter_padded(p, output), to_padded_order(p, hy), saved};
 }
 
-template <GruBackward Impl>
-GruBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input,
-                                  const OptTensor& batch_sizes, const at::Tensor& hx, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved,
-                                  bool reverse, std::array<bool, 3> output_mask, const OptTensor& lengths,
-                                  const OptTensor& zoneout, const OptTensor& weight_hh_mask,
-                                  const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after) {
+template <GruBackward Impl, GruNormBackward NormImpl = nullptr>
+GruNormBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                      const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+                                      const at::Tensor& saved, bool reverse, std::array<bool, 3> output_mask,
+                                      const OptTensor& lengths, const OptTensor& zoneout,
+                                      const OptTensor& weight_hh_mask, const OptTensor& recurrent_mask,
+                                      const OptTensor& input_mask, bool reset_after, const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::gru_backward";
+  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, std::nullopt, reset_after);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
+  // The implementation's gradients, the layer_norm tensor's last (empty without it).
+  const auto run = [&](const at::Tensor& d_out, const at::Tensor& d_hy, const at::Tensor& x, const OptTensor& sizes,
+                       const at::Tensor& h, const at::Tensor& out, const at::Tensor& saved_rows,
+                       const OptTensor& keep, const OptTensor& mask) -> GruNormBackwardResult {
+    if constexpr (NormImpl != nullptr) {
+      if (layer_norm) {
+        return NormImpl(d_out, d_hy, x, sizes, h, w_ih, w_hh_run, out, saved_rows, reverse, output_mask, keep, mask,
+                        *layer_norm);
+      }
+    }
+    auto [d_x, d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh] = Impl(d_out, d_hy, x, sizes, h, w_ih, w_hh_run, out, saved_rows,
+                                                           reverse, output_mask, keep, mask, reset_after);
+    return {d_x, d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh, at::empty({0}, d_h.options())};
+  };
   const auto x_run = dropped_input(op, input, batch_sizes, input_mask);
   const auto plan = maybe_plan_packing(op, input, batch_sizes, lengths);
   if (!plan) {
-    auto grads = Impl(grad_output, grad_hy, x_run, batch_sizes, hx, w_ih, w_hh_run, output, saved, reverse,
-                      output_mask, zoneout, recurrent_mask, reset_after);
+    auto grads = run(grad_output, grad_hy, x_run, batch_sizes, hx, output, saved, zoneout, recurrent_mask);
     std::get<0>(grads) = undropped_input_grad(std::get<0>(grads), batch_sizes, input_mask);
     std::get<3>(grads) = undropped_grad(std::get<3>(grads), weight_hh_mask);
     return grads;
   }
   const PackedPlan& p = *plan;
-  auto [d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh] =
-      Impl(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"), gather_packed(p, x_run),
-           p.batch_sizes, to_packed_order(op, p, hx, "hx"), w_ih, w_hh_run, gather_packed(p, output),
-           packed_saved(op, p, saved), reverse, output_mask, gather_packed(p, zoneout),
-           packed_order(op, p, recurrent_mask), reset_after);
+  auto [d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_norm] =
+      run(gather_packed(p, grad_output), to_packed_order(op, p, grad_hy, "grad_hy"), gather_packed(p, x_run),
+          p.batch_sizes, to_packed_order(op, p, hx, "hx"), gather_packed(p, output), packed_saved(op, p, saved),
+          gather_packed(p, zoneout), packed_order(op, p, recurrent_mask));
   return {undropped_input_grad(padded_grad(p, d_input), batch_sizes, input_mask), to_padded_order(p, d_hx), d_w_ih,
-          undropped_grad(d_w_hh, weight_hh_mask), d_b_ih, d_b_hh};
+          undropped_grad(d_w_hh, weight_hh_mask), d_b_ih, d_b_hh, d_norm};
 }
 
 }  // namespace gatedrnn

@@ -49,6 +49,8 @@ def _plan(module, table):
         in_use = [f"{name}={getattr(module, name)}" for name in _VARIANTS if getattr(module, name, 0)]
         if getattr(module, "reset_after", True) is False:  # Cho et al.'s GRU: another function of the same weights
             in_use.append("reset_after=False")
+        if getattr(module, "layer_norm", False):  # its own parameters besides torch.nn's
+            in_use.append("layer_norm=True")
         if in_use:  # only gatedrnn modules have these
             return "skip", f"it uses {', '.join(in_use)}, which torch.nn has no equivalent for"
         return "swap", None

@@ -162,5 +162,8 @@ def to_keras_weights(module):
                          f"{module.num_layers}; convert each layer of a Keras stack separately")
     if getattr(module, "proj_size", 0):
         raise ValueError("gatedrnn.to_keras_weights: Keras' LSTM has no projection (proj_size)")
+    if module.layer_norm:
+        raise ValueError("gatedrnn.to_keras_weights: Keras' LSTM and GRU layers have no layer normalisation "
+                         "(layer_norm=True)")
     suffixes = ("", "_reverse") if module.bidirectional else ("",)
     return [w for suffix in suffixes for w in _keras_direction(module, suffix)]

@@ -41,9 +41,9 @@ def register_translations():
         _unavailable = f"registering gatedrnn's ONNX translations with onnxscript failed: {type(e).__name__}: {e}"
 
 
-def check_export(projection=False, packed=False, zoneout=False):
+def check_export(projection=False, packed=False, zoneout=False, layer_norm=False):
     """Raises when an ONNX export cannot produce a correct graph: a feature ONNX's nodes lack (an LSTM
-    projection, packed input, zoneout), or no translations in this process."""
+    projection, packed input, zoneout, layer_norm), or no translations in this process."""
     if projection:
         raise RuntimeError("gatedrnn: ONNX export of an LSTM with proj_size is not supported: ONNX's LSTM node "
                            "has no projection")
@@ -53,6 +53,9 @@ def check_export(projection=False, packed=False, zoneout=False):
     if zoneout:
         raise RuntimeError("gatedrnn: ONNX export of zoneout is not supported: ONNX's LSTM and GRU nodes cannot mix "
                            "the previous state into the new one (zoneout's evaluation-time expectation)")
+    if layer_norm:
+        raise RuntimeError("gatedrnn: ONNX export of layer_norm=True is not supported: ONNX's LSTM and GRU nodes "
+                           "have no normalisation inside the recurrence")
     if _unavailable is not None:
         raise RuntimeError(f"gatedrnn: ONNX export is unavailable: {_unavailable}")
 
@@ -64,11 +67,11 @@ def _define(op, ir, torch_op):
         rows = tensor.shape[0] // blocks
         return op.Concat(*[op.Slice(tensor, [k * rows], [(k + 1) * rows], [0]) for k in order], axis=0)
 
-    def refuse_what_has_no_node(batch_sizes, weight_hr=None, zoneout=(), masks=()):
+    def refuse_what_has_no_node(batch_sizes, weight_hr=None, zoneout=(), masks=(), layer_norm=None):
         # The modules refuse these before tracing; this guards the ops called directly, or traced by a
         # capture that does not run the modules' Python (a wrong graph must never come out).
         check_export(projection=weight_hr is not None, packed=batch_sizes is not None,
-                     zoneout=any(z is not None for z in zoneout))
+                     zoneout=any(z is not None for z in zoneout), layer_norm=layer_norm is not None)
         if any(m is not None for m in masks):
             raise RuntimeError("gatedrnn: ONNX export of a layer with dropout masks (training mode) is not "
                                "supported: export the model in evaluation mode (model.eval())")
@@ -99,9 +102,9 @@ def _define(op, ir, torch_op):
     def gatedrnn_lstm_forward(input, batch_sizes=None, hx=None, cx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                               bias_hh=None, weight_hr=None, reverse: bool = False, save_for_backward: bool = False,
                               lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None,
-                              recurrent_mask=None, input_mask=None):
+                              recurrent_mask=None, input_mask=None, layer_norm=None):
         refuse_what_has_no_node(batch_sizes, weight_hr, (zoneout, zoneout_cell),
-                                (weight_hh_mask, recurrent_mask, input_mask))
+                                (weight_hh_mask, recurrent_mask, input_mask), layer_norm)
         hidden = weight_hh.shape[1]
         order = (0, 3, 1, 2)  # torch i, f, g, o -> ONNX i, o, f, c
         y, y_h, y_c = op.LSTM(input, op.Unsqueeze(reorder(weight_ih, 4, order), [0]),
@@ -116,8 +119,9 @@ def _define(op, ir, torch_op):
     def gatedrnn_gru_forward(input, batch_sizes=None, hx=None, weight_ih=None, weight_hh=None, bias_ih=None,
                              bias_hh=None, reverse: bool = False, save_for_backward: bool = False, lengths=None,
                              zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None,
-                             reset_after: bool = True):
-        refuse_what_has_no_node(batch_sizes, None, (zoneout,), (weight_hh_mask, recurrent_mask, input_mask))
+                             reset_after: bool = True, layer_norm=None):
+        refuse_what_has_no_node(batch_sizes, None, (zoneout,), (weight_hh_mask, recurrent_mask, input_mask),
+                                layer_norm)
         hidden = weight_hh.shape[1]
         order = (1, 0, 2)  # torch r, z, n -> ONNX z, r, h
         y, y_h = op.GRU(input, op.Unsqueeze(reorder(weight_ih, 3, order), [0]),

@@ -33,11 +33,20 @@ def _rows(input):
     return input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[1]
 
 
+# Saved columns per row with layer_norm (csrc/layer_norm.h): the plain cell's, then the norms' x^ and rstd.
+def _lstm_norm_cells_width(hidden):
+    return 10 * hidden + 3
+
+
+def _gru_norm_saved_width(hidden):
+    return 10 * hidden + 2
+
+
 # ----------------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("gatedrnn::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        save_for_backward, lengths=None, zoneout=None, zoneout_cell=None, weight_hh_mask=None,
-                       recurrent_mask=None, input_mask=None):
+                       recurrent_mask=None, input_mask=None, layer_norm=None):
     hidden = weight_ih.shape[0] // 4
     state = hx.shape[-1]
     saved_dtype = _compute_dtype(input.dtype)
@@ -45,7 +54,8 @@ def _lstm_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih
     output = input.new_empty(_output_shape(input, state))
     if save_for_backward:
         gates = input.new_empty((rows, 4 * hidden), dtype=saved_dtype)
-        cells = input.new_empty((rows, hidden), dtype=saved_dtype)
+        cells_width = hidden if layer_norm is None else _lstm_norm_cells_width(hidden)
+        cells = input.new_empty((rows, cells_width), dtype=saved_dtype)
     else:
         gates = input.new_empty((0,), dtype=saved_dtype)
         cells = input.new_empty((0,), dtype=saved_dtype)
@@ -60,22 +70,28 @@ def _grad_or_empty(wanted, like):
 @torch.library.register_fake("gatedrnn::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr,
                         output, gates, cells, reverse, output_mask, lengths=None, zoneout=None, zoneout_cell=None,
-                        weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+                        weight_hh_mask=None, recurrent_mask=None, input_mask=None, layer_norm=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 4
     grad_bias = input.new_empty((4 * hidden,) if want_bias else (0,))
     grad_weight_hr = _dense_like(weight_hr) if weight_hr is not None and want_weights else input.new_empty((0,))
     return (_grad_or_empty(want_input, input), _dense_like(hx), _dense_like(cx),
             _grad_or_empty(want_weights, weight_ih), _grad_or_empty(want_weights, weight_hh), grad_bias,
-            grad_weight_hr)
+            grad_weight_hr, _norm_grad_fake(input, layer_norm))
+
+
+def _norm_grad_fake(input, layer_norm):
+    # The backward ops always return the layer_norm tensor's gradient when they get one.
+    return input.new_empty((0,)) if layer_norm is None else _dense_like(layer_norm)
 
 
 @torch.library.register_fake("gatedrnn::gru_forward")
 def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_for_backward,
                       lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None,
-                      reset_after=True):
+                      reset_after=True, layer_norm=None):
     hidden = weight_ih.shape[0] // 3
-    saved_shape = (_rows(input), 4 * hidden) if save_for_backward else (0,)
+    width = 4 * hidden if layer_norm is None else _gru_norm_saved_width(hidden)
+    saved_shape = (_rows(input), width) if save_for_backward else (0,)
     saved = input.new_empty(saved_shape, dtype=_compute_dtype(input.dtype))
     return input.new_empty(_output_shape(input, hidden)), _dense_like(hx), saved
 
@@ -83,12 +99,13 @@ def _gru_forward_fake(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bia
 @torch.library.register_fake("gatedrnn::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, batch_sizes, hx, weight_ih, weight_hh, output, saved, reverse,
                        output_mask, lengths=None, zoneout=None, weight_hh_mask=None, recurrent_mask=None,
-                       input_mask=None, reset_after=True):
+                       input_mask=None, reset_after=True, layer_norm=None):
     want_input, want_weights, want_bias = output_mask
     hidden = weight_ih.shape[0] // 3
     bias_shape = (3 * hidden,) if want_bias else (0,)
     return (_grad_or_empty(want_input, input), _dense_like(hx), _grad_or_empty(want_weights, weight_ih),
-            _grad_or_empty(want_weights, weight_hh), input.new_empty(bias_shape), input.new_empty(bias_shape))
+            _grad_or_empty(want_weights, weight_hh), input.new_empty(bias_shape), input.new_empty(bias_shape),
+            _norm_grad_fake(input, layer_norm))
 
 
 # ----------------------------------------------------------------------------------------- autograd
@@ -96,17 +113,20 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _differentiable_backward(reference_layer, inputs, reverse, options, grad_outputs, extra_inputs):
+def _differentiable_backward(reference_layer, inputs, reverse, options, grad_outputs, extra_inputs, norm_at):
     """The backward of one layer as a differentiable computation, for create_graph=True (gradient penalties,
     double backward): the layer is recomputed with gatedrnn.reference and differentiated by autograd. The
-    fused backward kernels compute first-order gradients only, so this path is slower, and says so."""
+    fused backward kernels compute first-order gradients only, so this path is slower, and says so. norm_at:
+    the position of the op's layer_norm argument, whose gradient goes there."""
     warnings.warn("gatedrnn: differentiating through a gatedrnn layer's gradient (create_graph=True) runs the "
                   "layer's pure-PyTorch reference (gatedrnn.reference) for that backward, not the fused kernels; "
                   "it is correct but much slower.", stacklevel=2)
     with torch.enable_grad():
         outputs = reference_layer(*inputs, reverse, **options)
-    wanted = [k for k, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-    grads = torch.autograd.grad(outputs, [inputs[k] for k in wanted],
+    differentiable = dict(enumerate(inputs))
+    differentiable[norm_at] = options.get("layer_norm")
+    wanted = [k for k, t in differentiable.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outputs, [differentiable[k] for k in wanted],
                                 [_zeros_if_none(g, o) for g, o in zip(grad_outputs, outputs)],
                                 create_graph=True, allow_unused=True)
     result = [None] * (len(inputs) + extra_inputs)  # + reverse, save_for_backward and the options
@@ -117,12 +137,18 @@ def _differentiable_backward(reference_layer, inputs, reverse, options, grad_out
 
 # The ops' optional tensor arguments after save_for_backward, in schema order (csrc/schemas.h): what the
 # backward op and the differentiable backward get again.
-_LSTM_OPTIONS = ("lengths", "zoneout", "zoneout_cell", "weight_hh_mask", "recurrent_mask", "input_mask")
+_LSTM_OPTIONS = ("lengths", "zoneout", "zoneout_cell", "weight_hh_mask", "recurrent_mask", "input_mask", "layer_norm")
 _GRU_OPTIONS = ("lengths", "zoneout", "weight_hh_mask", "recurrent_mask", "input_mask")
+
+
+def _norm_needs_grad(needs, inputs):
+    # layer_norm is the op's last argument; a call that left it out has fewer inputs.
+    return len(needs) == inputs and needs[-1]
 
 
 def _lstm_setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, save, *options = inputs
+    options += [None] * (len(_LSTM_OPTIONS) - len(options))  # the defaults, when the call left them out
     out, _, _, gates, cells = output
     ctx.reverse = reverse
     ctx.saved_forward = save
@@ -145,7 +171,8 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
         from .reference import lstm_layer
         return _differentiable_backward(
             lstm_layer, [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], ctx.reverse,
-            options, (grad_output, grad_hy, grad_cy), extra_inputs=2 + len(_LSTM_OPTIONS))
+            options, (grad_output, grad_hy, grad_cy), extra_inputs=2 + len(_LSTM_OPTIONS),
+            norm_at=11 + _LSTM_OPTIONS.index("layer_norm"))
     # An absent bias or projection never needs a gradient, so the mask also says which are present.
     needs = ctx.needs_input_grad
     want_input, want_weights, want_bias = needs[0], needs[4] or needs[5] or needs[8], needs[6] or needs[7]
@@ -153,11 +180,12 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells)
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input,
         batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr, out, gates, cells, ctx.reverse,
         [want_input, want_weights, want_bias], **options)
-    d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr = grads
+    d_input, d_hx, d_cx, d_w_ih, d_w_hh, d_bias, d_w_hr, d_norm = grads
     # Both biases enter the gates as a sum, so they get the same gradient.
     return (d_input if want_input else None, None, d_hx, d_cx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_bias if want_bias else None, d_bias if want_bias else None,
-            d_w_hr if needs[8] else None, None, None, *[None] * len(_LSTM_OPTIONS))
+            d_w_hr if needs[8] else None, None, None, *[None] * (len(_LSTM_OPTIONS) - 1),
+            d_norm if _norm_needs_grad(needs, 11 + len(_LSTM_OPTIONS)) else None)
 
 
 torch.library.register_autograd("gatedrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
@@ -168,6 +196,7 @@ def _gru_setup_context(ctx, inputs, output):
     options, flags = options[:len(_GRU_OPTIONS)], options[len(_GRU_OPTIONS):]
     options += [None] * (len(_GRU_OPTIONS) - len(options))  # the defaults, when the call left them out
     ctx.reset_after = flags[0] if flags else True
+    options.append(flags[1] if len(flags) > 1 else None)  # layer_norm, saved with the options
     out, _, saved = output
     ctx.reverse = reverse
     ctx.saved_forward = save
@@ -182,21 +211,23 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
         raise RuntimeError("gatedrnn: gru_forward was called with save_for_backward=False; it cannot be "
                            "differentiated. Call it with save_for_backward=True when gradients are needed.")
     input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, out, saved, *options = ctx.saved_tensors
-    options = dict(zip(_GRU_OPTIONS, options), reset_after=ctx.reset_after)
+    options = dict(zip(_GRU_OPTIONS + ("layer_norm",), options), reset_after=ctx.reset_after)
     if torch.is_grad_enabled():  # create_graph=True: this gradient will itself be differentiated
         from .reference import gru_layer
         return _differentiable_backward(
             lambda *args, **options: gru_layer(*args[:-1], None, args[-1], **options),
             [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh], ctx.reverse,
-            options, (grad_output, grad_hy), extra_inputs=3 + len(_GRU_OPTIONS))
+            options, (grad_output, grad_hy), extra_inputs=4 + len(_GRU_OPTIONS),
+            norm_at=10 + len(_GRU_OPTIONS))
     needs = ctx.needs_input_grad  # an absent bias never needs a gradient
     want_input, want_weights, want_bias = needs[0], needs[3] or needs[4], needs[5] or needs[6]
-    d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = _ops.gru_backward(
+    d_input, d_hx, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_norm = _ops.gru_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, batch_sizes, hx, weight_ih,
         weight_hh, out, saved, ctx.reverse, [want_input, want_weights, want_bias], **options)
     return (d_input if want_input else None, None, d_hx, d_w_ih if want_weights else None,
             d_w_hh if want_weights else None, d_b_ih if want_bias else None, d_b_hh if want_bias else None, None,
-            None, *[None] * len(_GRU_OPTIONS), None)  # ... the options, reset_after
+            None, *[None] * len(_GRU_OPTIONS), None,
+            d_norm if _norm_needs_grad(needs, 11 + len(_GRU_OPTIONS)) else None)  # ..., reset_after, layer_norm
 
 
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
@@ -321,39 +352,45 @@ def _mask_for(mask, dtype):
 
 
 def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths=None,
-               zoneout=None, zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+               zoneout=None, zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None,
+               layer_norm=None):
     """One LSTM layer and direction. Returns (output, hy, cy). zoneout, zoneout_cell: keep values
     (zoneout_keep) or None; weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None;
-    recurrent_mask, input_mask: variational dropout masks (sequence_dropout_mask) or None."""
+    recurrent_mask, input_mask: variational dropout masks (sequence_dropout_mask) or None; layer_norm: the
+    LayerNorm cell's [2, 9H] gains and biases (csrc/layer_norm.h), or None."""
     _check_devices(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                    bias_hh=bias_hh, weight_hr=weight_hr, zoneout=zoneout, zoneout_cell=zoneout_cell,
-                   weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask, input_mask=input_mask)
-    save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+                   weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask, input_mask=input_mask,
+                   layer_norm=layer_norm)
+    save = _needs_saving(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, layer_norm)
     tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
     dtype = _autocast_dtype(input, always=True)
     runs_in = dtype or input.dtype
     output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors, dtype, reverse, save, lengths,
                                                   _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in),
                                                   _mask_for(weight_hh_mask, runs_in),
-                                                  _keep_for(recurrent_mask, runs_in), _mask_for(input_mask, runs_in))
+                                                  _keep_for(recurrent_mask, runs_in), _mask_for(input_mask, runs_in),
+                                                  _mask_for(layer_norm, runs_in))
     return output, hy, cy
 
 
 def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True, layer_norm=None):
     """One GRU layer and direction. Returns (output, hy). zoneout: keep values (zoneout_keep) or None;
     weight_hh_mask: a weight dropout mask (weight_dropout_mask) or None; recurrent_mask, input_mask: variational
     dropout masks (sequence_dropout_mask) or None; reset_after=False: Cho et al.'s GRU, the reset gate applied
-    to h_{t-1} before W_hn."""
+    to h_{t-1} before W_hn; layer_norm: the LayerNorm cell's [2, 6H] gains and biases (csrc/layer_norm.h), or
+    None."""
     _check_devices(input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                    zoneout=zoneout, weight_hh_mask=weight_hh_mask, recurrent_mask=recurrent_mask,
-                   input_mask=input_mask)
-    save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+                   input_mask=input_mask, layer_norm=layer_norm)
+    save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm)
     tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
     dtype = _autocast_dtype(input, always=False)
     output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, dtype, reverse, save, lengths,
                                            _keep_for(zoneout, dtype or input.dtype),
                                            _mask_for(weight_hh_mask, dtype or input.dtype),
                                            _keep_for(recurrent_mask, dtype or input.dtype),
-                                           _mask_for(input_mask, dtype or input.dtype), reset_after)
+                                           _mask_for(input_mask, dtype or input.dtype), reset_after,
+                                           _mask_for(layer_norm, dtype or input.dtype))
     return output, hy

@@ -29,7 +29,8 @@ def _layer_weights(weights, index, bias, proj):
 
 
 def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num_layers, bidirectional, dropout,
-               training, lengths=None, zoneout=(), weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
+               training, lengths=None, zoneout=(), weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0,
+               layer_norms=None):
     """Runs `layer_fn` over layers x directions.
 
     states: tuple of [num_layers * directions, B, *] initial states (hx,) or (hx, cx).
@@ -37,8 +38,9 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
     returns (output, *final_states). zoneout: the zoneout probability of each state, in the order of `states`
     (0: none); each layer and direction gets its own keep values (_ops.zoneout_keep), and with weight_dropout
     in training its own W_hh mask for this call (_ops.weight_dropout_mask) and its own per-sequence masks for
-    recurrent_dropout and input_dropout (_ops.sequence_dropout_mask), drawn in that order. Returns (output,
-    tuple of stacked final states).
+    recurrent_dropout and input_dropout (_ops.sequence_dropout_mask), drawn in that order. layer_norms: for
+    each layer and direction (in _flat_weights' order) the LayerNorm cell's gains and biases (the ops'
+    layer_norm argument), or None for the plain cell. Returns (output, tuple of stacked final states).
     """
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
@@ -53,6 +55,8 @@ def run_layers(layer_fn, input, batch_sizes, states, weights, *, bias, proj, num
             layer_weights = _layer_weights(weights, index, bias, proj)
             masks = dict(weight_hh_mask=_ops.weight_dropout_mask(weight_dropout, training, layer_weights[1]),
                          **_sequence_masks(recurrent_dropout, input_dropout, training, layer_input, layer_states[0]))
+            if layer_norms is not None:
+                masks["layer_norm"] = layer_norms[index]
             output, *final = layer_fn(layer_input, batch_sizes, *layer_states, *layer_weights,
                                       reverse=direction == 1, lengths=lengths, zoneout=keep, **masks)
             outputs.append(output)
@@ -78,12 +82,12 @@ def lstm_over(layer_fn):
 
     def lstm(input, batch_sizes, hx, cx, weights, *, bias=True, proj=False, num_layers=1, bidirectional=False,
              dropout=0.0, training=False, lengths=None, zoneout=0.0, zoneout_cell=0.0, weight_dropout=0.0,
-             recurrent_dropout=0.0, input_dropout=0.0):
+             recurrent_dropout=0.0, input_dropout=0.0, layer_norms=None):
         """Multi-layer LSTM over time-major input. Returns (output, (h_n, c_n)) as torch.nn.LSTM does."""
         return run_layers(layer_fn, input, batch_sizes, (hx, cx), weights, bias=bias, proj=proj,
                           num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, training=training,
                           lengths=lengths, zoneout=(zoneout, zoneout_cell), weight_dropout=weight_dropout,
-                          recurrent_dropout=recurrent_dropout, input_dropout=input_dropout)
+                          recurrent_dropout=recurrent_dropout, input_dropout=input_dropout, layer_norms=layer_norms)
 
     return lstm
 
@@ -93,7 +97,7 @@ def gru_over(layer_fn):
 
     def gru(input, batch_sizes, hx, weights, *, bias=True, num_layers=1, bidirectional=False, dropout=0.0,
             training=False, lengths=None, zoneout=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0,
-            reset_after=True):
+            reset_after=True, layer_norms=None):
         """Multi-layer GRU over time-major input. Returns (output, h_n) as torch.nn.GRU does. reset_after=False
         is Cho et al.'s GRU (Keras' reset_after=False): the reset gate multiplies h_{t-1} before W_hn."""
         output, (hy,) = run_layers(functools.partial(layer_fn, reset_after=reset_after), input, batch_sizes, (hx,),
@@ -101,7 +105,7 @@ def gru_over(layer_fn):
                                    bidirectional=bidirectional, dropout=dropout,
                                    training=training, lengths=lengths, zoneout=(zoneout,),
                                    weight_dropout=weight_dropout, recurrent_dropout=recurrent_dropout,
-                                   input_dropout=input_dropout)
+                                   input_dropout=input_dropout, layer_norms=layer_norms)
         return output, hy
 
     return gru

@@ -81,6 +81,8 @@ def _variant_repr(module):
             s += f", {name}={{{name}}}"
     if getattr(module, "reset_after", True) is False:
         s += ", reset_after=False"
+    if module.layer_norm:
+        s += ", layer_norm=True"
     return s
 
 
@@ -90,6 +92,58 @@ def _check_reset_after(reset_after):
     if not isinstance(reset_after, bool):
         raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
     return reset_after
+
+
+def _check_layer_norm(layer_norm, mode, proj_size=0, reset_after=True):
+    """layer_norm: the LayerNorm LSTM/GRU (README, "layer_norm"): LayerNorm on the input projection and on the
+    recurrent product (and the LSTM's cell state), each with its own gain and bias. Combinations the kernels do
+    not compute are refused here."""
+    if not isinstance(layer_norm, bool):
+        raise TypeError(f"layer_norm should be of type bool, got: {type(layer_norm).__name__}")
+    if layer_norm and proj_size > 0:
+        raise ValueError("layer_norm with proj_size is not supported: the fused kernels normalise the cell's "
+                         "own state, which a projection changes")
+    if layer_norm and not reset_after:
+        raise ValueError("layer_norm with reset_after=False is not supported: its recurrent product of r * h "
+                         "cannot be normalised with the other gates' before r is known")
+    return layer_norm
+
+
+def _layer_norm_parts(mode, hidden_size):
+    """The norms of the LayerNorm cell and their sizes, in the order of the ops' layer_norm tensor."""
+    gates = {"LSTM": 4, "GRU": 3}[mode] * hidden_size
+    return [("ih", gates), ("hh", gates)] + ([("cell", hidden_size)] if mode == "LSTM" else [])
+
+
+def _register_layer_norm(module, mode, hidden_size, suffix, factory_kwargs):
+    """Registers the LayerNorm cell's gains and biases, layer_norm_{ih,hh,cell}_{weight,bias}{suffix} (as
+    torch.nn.LayerNorm names them), and returns their names."""
+    names = []
+    for part, size in _layer_norm_parts(mode, hidden_size):
+        for kind in ("weight", "bias"):
+            name = f"layer_norm_{part}_{kind}{suffix}"
+            module.register_parameter(name, nn.Parameter(torch.empty(size, **factory_kwargs)))
+            names.append(name)
+    return names
+
+
+def _layer_norm_tensor(module, names):
+    """The ops' layer_norm argument [2, columns] from the parameters `names` (gain, bias of each norm)."""
+    params = [getattr(module, name) for name in names]
+    return torch.stack([torch.cat(params[0::2]), torch.cat(params[1::2])])
+
+
+@torch.no_grad()
+def _reset(module, stdv):
+    """torch.nn's initialisation of every torch.nn parameter (in registration order, so the same seed gives
+    torch.nn's weights), and torch.nn.LayerNorm's of the layer_norm ones: gain 1, bias 0."""
+    for name, param in module.named_parameters():
+        if not name.startswith("layer_norm_"):
+            nn.init.uniform_(param, -stdv, stdv)
+        elif "_weight" in name:
+            param.fill_(1.0)
+        else:
+            param.zero_()
 
 
 def _keep(p, training, input, size):
@@ -110,8 +164,9 @@ class _RNNBase(nn.Module):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, forget_bias=None, zoneout=0.0,
-                 zoneout_cell=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0):
+                 zoneout_cell=0.0, weight_dropout=0.0, recurrent_dropout=0.0, input_dropout=0.0, layer_norm=False):
         super().__init__()
+        self.layer_norm = _check_layer_norm(layer_norm, mode, proj_size, getattr(self, "reset_after", True))
         self.forget_bias = _check_forget_bias(forget_bias, bias)
         self.zoneout = _check_zoneout("zoneout", zoneout)
         self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
@@ -168,6 +223,7 @@ class _RNNBase(nn.Module):
         state_size = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names = []
         self._all_weights = []
+        self._layer_norm_names = []  # per layer and direction, with layer_norm
         for layer in range(num_layers):
             for direction in range(directions):
                 layer_input_size = input_size if layer == 0 else state_size * directions
@@ -184,6 +240,9 @@ class _RNNBase(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+                if self.layer_norm:
+                    self._layer_norm_names.append(
+                        _register_layer_norm(self, mode, hidden_size, f"_l{layer}{suffix}", factory_kwargs))
         self.reset_parameters()
 
     @property
@@ -198,9 +257,7 @@ class _RNNBase(nn.Module):
         """No-op, kept for code written for torch.nn (gatedrnn re-lays weights out per call when needed)."""
 
     def reset_parameters(self):
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset(self, 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0)
         if self.forget_bias is not None:
             for names in self._all_weights:
                 _set_forget_bias(getattr(self, names[2]), getattr(self, names[3]), self.hidden_size, self.forget_bias)
@@ -282,6 +339,8 @@ class _RNNBase(nn.Module):
                       dropout=self.dropout, training=self.training, lengths=lengths,
                       weight_dropout=self.weight_dropout, recurrent_dropout=self.recurrent_dropout,
                       input_dropout=self.input_dropout)
+        if self.layer_norm:
+            kwargs["layer_norms"] = [_layer_norm_tensor(self, names) for names in self._layer_norm_names]
         if self.mode == "LSTM":
             output, finals = functional.lstm(input, batch_sizes, *states, self._flat_weights,
                                              proj=self.proj_size > 0, zoneout=self.zoneout,
@@ -298,7 +357,7 @@ class _RNNBase(nn.Module):
         """Under torch.onnx.export: the layers export as ONNX LSTM/GRU nodes (gatedrnn/_onnx.py); what those
         nodes cannot express is refused here, by name, rather than exported wrong."""
         _onnx.check_export(projection=self.proj_size > 0, packed=isinstance(input, PackedSequence),
-                           zoneout=bool(self.zoneout or self.zoneout_cell))
+                           zoneout=bool(self.zoneout or self.zoneout_cell), layer_norm=self.layer_norm)
 
 
 def _permute(states, permutation):
@@ -314,7 +373,9 @@ def _wrap_output(output, batch_sizes, sorted_indices, unsorted_indices):
 
 
 class LSTM(_RNNBase):
-    """Drop-in replacement for torch.nn.LSTM (same arguments, parameters, inputs and outputs)."""
+    """Drop-in replacement for torch.nn.LSTM (same arguments, parameters, inputs and outputs). layer_norm=True (a
+    keyword argument) is the LayerNorm LSTM: LayerNorm on the input projection, the recurrent product and the
+    cell state, with parameters of its own after torch.nn's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
@@ -367,7 +428,8 @@ class LSTM(_RNNBase):
 
 class GRU(_RNNBase):
     """Drop-in replacement for torch.nn.GRU (same arguments, parameters, inputs and outputs). reset_after=False
-    (a keyword argument) runs Cho et al.'s GRU on the same parameters."""
+    (a keyword argument) runs Cho et al.'s GRU on the same parameters. layer_norm=True (with reset_after=True)
+    adds LayerNorm on the input projection and the recurrent product, with parameters of its own."""
 
     def __init__(self, *args, reset_after=True, **kwargs):
         if "proj_size" in kwargs:
@@ -417,8 +479,10 @@ class _CellBase(nn.Module):
     """Shared by LSTMCell and GRUCell: torch.nn.RNNCellBase's parameters, init and checks."""
 
     def __init__(self, name, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, forget_bias=None,
-                 zoneout=0.0, zoneout_cell=0.0):
+                 zoneout=0.0, zoneout_cell=0.0, layer_norm=False):
         super().__init__()
+        mode = name[:-len("Cell")]
+        self.layer_norm = _check_layer_norm(layer_norm, mode, reset_after=getattr(self, "reset_after", True))
         self.forget_bias = _check_forget_bias(forget_bias, bias)
         self.zoneout = _check_zoneout("zoneout", zoneout)
         self.zoneout_cell = _check_zoneout("zoneout_cell", zoneout_cell)
@@ -435,6 +499,8 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._layer_norm_names = (_register_layer_norm(self, mode, hidden_size, "", factory_kwargs)
+                                  if self.layer_norm else [])
         self.reset_parameters()
 
     def extra_repr(self):
@@ -444,9 +510,7 @@ class _CellBase(nn.Module):
         return (s + _variant_repr(self)).format(**self.__dict__)
 
     def reset_parameters(self):
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        _reset(self, 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0)
         if self.forget_bias is not None:
             _set_forget_bias(self.bias_ih, self.bias_hh, self.hidden_size, self.forget_bias)
 
@@ -466,6 +530,9 @@ class _CellBase(nn.Module):
                 raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected "
                                    f"{self.hidden_size}")
 
+    def _layer_norm_arg(self):
+        return _layer_norm_tensor(self, self._layer_norm_names) if self.layer_norm else None
+
     def _zeros(self, input):
         return torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
 
@@ -483,9 +550,9 @@ class LSTMCell(_CellBase):
     """Drop-in replacement for torch.nn.LSTMCell: one step, run by the fused LSTM op with T = 1."""
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, forget_bias=None, zoneout=0.0,
-                 zoneout_cell=0.0):
+                 zoneout_cell=0.0, layer_norm=False):
         super().__init__("LSTMCell", input_size, hidden_size, bias, 4, device=device, dtype=dtype,
-                         forget_bias=forget_bias, zoneout=zoneout, zoneout_cell=zoneout_cell)
+                         forget_bias=forget_bias, zoneout=zoneout, zoneout_cell=zoneout_cell, layer_norm=layer_norm)
 
     def forward(self, input, hx=None):
         self._check_input_dim(input)
@@ -505,12 +572,13 @@ class LSTMCell(_CellBase):
             hy, cy = self._empty_state(input, hx[0]), self._empty_state(input, hx[1])
             return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
         if torch.onnx.is_in_onnx_export():
-            _onnx.check_export(zoneout=bool(self.zoneout or self.zoneout_cell))
+            _onnx.check_export(zoneout=bool(self.zoneout or self.zoneout_cell), layer_norm=self.layer_norm)
         size = self.hidden_size
         _, hy, cy = _ops.lstm_layer(input.unsqueeze(0), None, hx[0], hx[1], self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh, None, False, None,
                                     _keep(self.zoneout, self.training, input, size),
-                                    _keep(self.zoneout_cell, self.training, input, size))
+                                    _keep(self.zoneout_cell, self.training, input, size),
+                                    layer_norm=self._layer_norm_arg())
         if not is_batched:
             hy, cy = hy.squeeze(0), cy.squeeze(0)
         return hy, cy
@@ -519,9 +587,11 @@ class LSTMCell(_CellBase):
 class GRUCell(_CellBase):
     """Drop-in replacement for torch.nn.GRUCell: one step, run by the fused GRU op with T = 1."""
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, zoneout=0.0, reset_after=True):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, zoneout=0.0, reset_after=True,
+                 layer_norm=False):
         self.reset_after = _check_reset_after(reset_after)
-        super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype, zoneout=zoneout)
+        super().__init__("GRUCell", input_size, hidden_size, bias, 3, device=device, dtype=dtype, zoneout=zoneout,
+                         layer_norm=layer_norm)
 
     def forward(self, input, hx=None):
         self._check_input_dim(input)
@@ -539,8 +609,8 @@ class GRUCell(_CellBase):
             hy = self._empty_state(input, hx)
             return hy if is_batched else hy.squeeze(0)
         if torch.onnx.is_in_onnx_export():
-            _onnx.check_export(zoneout=bool(self.zoneout))
+            _onnx.check_export(zoneout=bool(self.zoneout), layer_norm=self.layer_norm)
         _, hy = _ops.gru_layer(input.unsqueeze(0), None, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                                self.bias_hh, False, None, _keep(self.zoneout, self.training, input, self.hidden_size),
-                               reset_after=self.reset_after)
+                               reset_after=self.reset_after, layer_norm=self._layer_norm_arg())
         return hy if is_batched else hy.squeeze(0)

@@ -7,6 +7,7 @@ autograd differentiate them, so they are slow and obviously correct. `lstm` and 
 the same layer orchestration as gatedrnn.functional.
 """
 import torch
+import torch.nn.functional as F
 
 from .functional import gru_over, lstm_over
 
@@ -71,17 +72,28 @@ def _times(t, mask):
     return t if mask is None else t * mask
 
 
+def _norm(t, layer_norm, start):
+    """LayerNorm over t's last dimension (n columns) with the gains and biases in columns [start, start + n) of
+    a layer_norm tensor [2, columns] (gains, then biases; the norms' columns one after another)."""
+    n = t.shape[-1]
+    return F.layer_norm(t, (n,), layer_norm[0, start:start + n], layer_norm[1, start:start + n], eps=1e-5)
+
+
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None, keep_c=None, recurrent_mask=None,
-              input_mask=None):
+              input_mask=None, layer_norm=None):
     """One LSTM step: returns (output, h', c'); output == h' (projected when w_hr is given). With zoneout,
     h' and c' both come from the cell's own update c~ = f * c + i * g. The dropout masks multiply x and h
-    where they enter their products."""
-    gates = _times(x, input_mask) @ w_ih.t() + _times(h, recurrent_mask) @ w_hh.t()
+    where they enter their products. layer_norm [2, 9H] (gains, then biases): LayerNorm on the input
+    projection, on the recurrent product and on c~ before the tanh that makes h (Haste's LayerNormLSTM)."""
+    from_x, from_h = _times(x, input_mask) @ w_ih.t(), _times(h, recurrent_mask) @ w_hh.t()
+    if layer_norm is not None:
+        from_x, from_h = _norm(from_x, layer_norm, 0), _norm(from_h, layer_norm, from_x.shape[1])
+    gates = from_x + from_h
     if b_ih is not None:
         gates = gates + b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=1)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new if layer_norm is None else _norm(c_new, layer_norm, 8 * c.shape[1]))
     if w_hr is not None:
         h_new = h_new @ w_hr.t()
     h_new, c_new = _zoneout(keep_h, h, h_new), _zoneout(keep_c, c, c_new)
@@ -89,12 +101,24 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, keep_h=None,
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, keep=None, recurrent_mask=None, input_mask=None,
-             reset_after=True):
+             reset_after=True, layer_norm=None):
     """One GRU step: returns (output, h'); output == h'. The dropout masks multiply x and h where they enter
     their products (h itself, in z * h, stays unmasked, as in Keras). reset_after=False: Cho et al.'s GRU,
-    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)."""
+    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn). layer_norm [2, 6H] (gains, then biases): LayerNorm on the
+    input projection and on the recurrent product, before their biases (reset_after=True only)."""
     gi = _times(x, input_mask) @ w_ih.t()
     h_read = _times(h, recurrent_mask)
+    if layer_norm is not None:
+        assert reset_after, "layer_norm needs reset_after=True"
+        gh = _norm(h_read @ w_hh.t(), layer_norm, gi.shape[1])
+        gi = _norm(gi, layer_norm, 0)
+        if b_ih is not None:
+            gi, gh = gi + b_ih, gh + b_hh
+        (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, dim=1), gh.chunk(3, dim=1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h = _zoneout(keep, h, (1 - z) * n + z * h)
+        return h, h
     w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
     gh_rz = h_read @ torch.cat([w_hr, w_hz]).t()
     if b_ih is not None:
@@ -117,7 +141,7 @@ def _present(*tensors):
 
 
 def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-               zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None):
+               zoneout_cell=None, weight_hh_mask=None, recurrent_mask=None, input_mask=None, layer_norm=None):
     """Reference for torch.ops.gatedrnn.lstm_forward: returns (output, hy, cy). zoneout, zoneout_cell: keep
     values [rows, H] (see _zoneout), or None; weight_hh_mask: weight dropout's mask, multiplying W_hh for the
     whole call, or None; recurrent_mask [B, R], input_mask [B, I]: variational dropout masks, or None."""
@@ -130,7 +154,7 @@ def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
         keep_c = next(keeps) if zoneout_cell is not None else None
         h_mask = next(masks) if recurrent_mask is not None else None
         x_mask = next(masks) if input_mask is not None else None
-        return lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_h, keep_c, h_mask, x_mask)
+        return lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_h, keep_c, h_mask, x_mask, layer_norm)
 
     output, (hy, cy) = _run_steps(input, batch_sizes, (hx, cx), step, reverse, lengths,
                                   _present(zoneout, zoneout_cell), _present(recurrent_mask, input_mask))
@@ -138,7 +162,7 @@ def lstm_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
 
 
 def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths=None, zoneout=None,
-              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True):
+              weight_hh_mask=None, recurrent_mask=None, input_mask=None, reset_after=True, layer_norm=None):
     """Reference for torch.ops.gatedrnn.gru_forward: returns (output, hy). (w_hr must be None.)"""
     assert w_hr is None, "GRU has no projection"
     if weight_hh_mask is not None:
@@ -148,7 +172,8 @@ def gru_layer(input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, len
         masks = iter(sequences)
         h_mask = next(masks) if recurrent_mask is not None else None
         x_mask = next(masks) if input_mask is not None else None
-        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None, h_mask, x_mask, reset_after)
+        return gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, extras[0] if extras else None, h_mask, x_mask, reset_after,
+                        layer_norm)
 
     output, (hy,) = _run_steps(input, batch_sizes, (hx,), step, reverse, lengths, _present(zoneout),
                                _present(recurrent_mask, input_mask))

@@ -24,6 +24,7 @@
 #include "bf16.h"
 #include "gru_backward_state.h"
 #include "gru_reset_before.h"
+#include "layer_norm_ops.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -370,8 +371,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gatedrnn, CPU, m) {
-  m.impl("gru_forward", &gru_forward_op<gru_forward_cpu>);
-  m.impl("gru_backward", &gru_backward_op<gru_backward_cpu>);
+  m.impl("gru_forward", &gru_forward_op<gru_forward_cpu, gru_norm_forward_cpu>);
+  m.impl("gru_backward", &gru_backward_op<gru_backward_cpu, gru_norm_backward_cpu>);
 }
 
 }  // namespace gatedrnn::cpu

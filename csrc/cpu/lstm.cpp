@@ -21,6 +21,7 @@
 #include "loops.h"
 #include "matmul.h"
 #include "bf16.h"
+#include "layer_norm_ops.h"
 #include "products.h"
 #include "team.h"
 #include "tiles.h"
@@ -546,8 +547,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gatedrnn, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cpu>);
-  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cpu>);
+  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cpu, lstm_norm_forward_cpu>);
+  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cpu, lstm_norm_backward_cpu>);
 }
 
 }  // namespace gatedrnn::cpu

@@ -1,0 +1,402 @@
+// The layer_norm LSTM and GRU on the CPU (layer_norm.h): one layer and direction over the whole sequence.
+//
+// A norm over a row's gate columns needs the whole row of a product before it can finish any column, so a
+// step has two phases instead of the plain cells' one fused tile:
+//  1. tiles (tiles.h) compute the recurrent product h_{t-1} @ W_hh^T of all gates for a block of columns and
+//     rows and store it into a [B, G*H] step buffer (small enough to stay in cache);
+//  2. after a barrier, a row pass (layer_norm_rows.h) for each batch row normalises the input projection and
+//     the product, runs the cell and, for the LSTM, normalises c_t before the tanh.
+// The input projection is computed per chunk of steps as in the plain loops (products.h). Backward mirrors it:
+// tiles compute d(h W_hh^T)_{t+1} @ W_hh for the step's rows, then a row pass runs the cell's derivative and the
+// norms' backward, giving the gradients that reach the two products; weight, input, bias and norm-parameter
+// gradients are GEMMs and reductions after the loop (layer_grads.h). One team of threads runs a whole loop.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "../checks.h"
+#include "../layer_grads.h"
+#include "../layer_norm.h"
+#include "../op_entry.h"
+#include "../sequence.h"
+#include "layer_norm_ops.h"
+#include "layer_norm_rows.h"
+#include "loops.h"
+#include "matmul.h"
+#include "products.h"
+#include "team.h"
+#include "tiles.h"
+#include "workspace.h"
+
+namespace gatedrnn::cpu {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+// The forward's recurrent product: A rows are h_{t-1} as the product reads it (recurrent dropout's mask).
+template <typename T>
+struct StateProductTiles : ProductTiles<T> {
+  RecurrentStates<T> states;
+  Step step;
+
+  const T* a_row(int64_t b) const { return states.read_row(step, b); }
+};
+
+// The backward's product: A rows are the gradients reaching the next step's recurrent product.
+template <typename T>
+struct LaterProductTiles : ProductTiles<T> {
+  LaterRows<T> later;
+
+  const T* a_row(int64_t b) const { return later.row(b); }
+};
+
+GATEDRNN_TILE_KERNELS(run_input_product, ProductTiles, "layer_norm_input_projection")
+GATEDRNN_TILE_KERNELS(run_recurrent_product, StateProductTiles, "layer_norm_recurrent_product")
+GATEDRNN_TILE_KERNELS(run_backward_product, LaterProductTiles, "layer_norm_backward_product")
+
+// A plain product's tiles over the packed weight `w` (Contiguous, 4 groups), storing into c, ldc apart.
+template <typename T>
+ProductTiles<T> store_tiles(const Tensor& w, int64_t depth, T* c, int64_t ldc, int64_t columns) {
+  return {{w.const_data_ptr<T>(), w.stride(0), depth}, nullptr, depth, 1, c, nullptr, ldc, columns, 0, false};
+}
+
+// Per-thread row scratch, indexed by team member.
+inline Tensor team_scratch(int64_t gates, int64_t hidden, const at::TensorOptions& options) {
+  return at::empty({team_size(), row_scratch(gates, hidden)}, options);
+}
+
+// The forward loop of either cell (`Rows`: LstmNormRows or GruNormRows with everything but the buffers this
+// loop owns set). `proj`: the saved rows the input projection is written into when saving (its first G*H
+// columns), else undefined.
+template <typename T, typename Rows>
+void norm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, int64_t gates, const Tensor& x2d,
+                       const Tensor& w_ih, const Tensor& w_hh, Tensor proj, bool save, Rows rows) {
+  const int64_t H = s.hidden, G = gates * H, L = tile_lanes<T>();
+  const Tensor ih = pack_tiles(w_ih, 4, L, Columns::Contiguous, Scratch::PackedInput);
+  const Tensor hh = pack_tiles(w_hh, 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const int64_t tiles = tile_count(G, 4, L, Columns::Contiguous);
+  const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
+  if (!save) proj = chunk_buffer(chunks, G, x2d.options());
+  const auto product = at::empty({s.batch, G}, x2d.options());
+  const auto scratch = team_scratch(gates, H, x2d.options());
+  rows.input_proj = proj.data_ptr<T>();
+  rows.proj_stride = proj.stride(0);
+  rows.product = product.const_data_ptr<T>();
+  const auto input = store_tiles<T>(ih, s.input_size, nullptr, proj.stride(0), G);
+  const StateProductTiles<T> recurrent{store_tiles<T>(hh, H, product.data_ptr<T>(), G, G), rows.states, Step{}};
+
+  run_team([&](const Team& team) {
+    auto in = input;
+    auto rec = recurrent;
+    T* mine = scratch.data_ptr<T>() + team.tid * scratch.size(1);
+    for (const Chunk& chunk : chunks) {
+      const int64_t proj_row0 = save ? 0 : chunk.row_begin;
+      in.a = x2d.const_data_ptr<T>() + chunk.row_begin * s.input_size;
+      in.c = rows.input_proj + (chunk.row_begin - proj_row0) * rows.proj_stride;
+      in.rows = chunk.row_end - chunk.row_begin;
+      auto share = share_of(tile_items(in, tiles), team.tid, team.threads);
+      run_input_product(in, share.begin, share.end);
+      team.barrier();
+      for (size_t k = chunk.first; k < chunk.last; ++k) {
+        rec.step = schedule[k];
+        rec.rows = rec.step.rows;
+        share = share_of(tile_items(rec, tiles), team.tid, team.threads);
+        run_recurrent_product(rec, share.begin, share.end);
+        team.barrier();
+        share = share_of(rec.step.rows, team.tid, team.threads);
+        for (int64_t b = share.begin; b < share.end; ++b) rows.forward_row(rec.step, b, proj_row0, mine);
+        team.barrier();
+      }
+    }
+  });
+}
+
+// The backward loop of either cell (`Rows`: LstmNormGradRows or GruNormGradRows). d_recurrent [N, G*H]: what
+// the rows write as the gradient reaching each step's recurrent product, which the step before multiplies.
+template <typename T, typename Rows>
+void norm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, int64_t gates, const Tensor& w_hh,
+                        const Tensor& d_recurrent, Rows rows) {
+  const int64_t H = s.hidden, G = gates * H, L = tile_lanes<T>();
+  // d(h W_hh^T) @ W_hh: the weight as [K, N], packed from its transpose.
+  const Tensor hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const int64_t tiles = tile_count(H, 4, L, Columns::Contiguous);
+  const auto zeros = at::zeros({G}, w_hh.options());
+  const auto product = at::empty({s.batch, H}, w_hh.options());
+  const auto scratch = team_scratch(gates, H, w_hh.options());
+  rows.product = product.const_data_ptr<T>();
+  const LaterProductTiles<T> later{store_tiles<T>(hh, G, product.data_ptr<T>(), H, H),
+                                   {d_recurrent.const_data_ptr<T>(), zeros.const_data_ptr<T>(), G, 0, 0}};
+
+  run_team([&](const Team& team) {
+    auto pr = later;
+    T* mine = scratch.data_ptr<T>() + team.tid * scratch.size(1);
+    for (size_t k = schedule.size(); k-- > 0;) {
+      const Step& step = schedule[k];
+      pr.k = point_at_later_step(pr.later, schedule, k, G);
+      pr.rows = step.rows;
+      auto share = share_of(tile_items(pr, tiles), team.tid, team.threads);
+      run_backward_product(pr, share.begin, share.end);
+      team.barrier();
+      share = share_of(step.rows, team.tid, team.threads);
+      for (int64_t b = share.begin; b < share.end; ++b) rows.backward_row(step, b, mine);
+      team.barrier();
+    }
+  });
+}
+
+// The saved activations of a call: `width` columns and max(rows, saved_rows) rows (padded.h), the rows no
+// step writes zeroed; empty when not saving.
+Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width, const at::TensorOptions& options) {
+  if (!save) return at::empty({0}, options);
+  auto kept = at::empty({std::max(rows, saved_rows), width}, options);
+  kept.narrow(0, rows, kept.size(0) - rows).zero_();
+  return kept;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- LSTM
+LstmForwardResult lstm_norm_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes, const Tensor& hx_,
+                                        const Tensor& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
+                                        const OptTensor& b_ih_, const OptTensor& b_hh_, const Tensor& layer_norm_,
+                                        bool reverse, bool save, const OptTensor& zoneout,
+                                        const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_,
+                                        int64_t saved_rows) {
+  constexpr const char* op = "gatedrnn::lstm_forward";
+  const LayerShape s =
+      check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
+  const int64_t H = s.hidden;
+  const auto dtype = compute_dtype(input_.scalar_type());
+  const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
+  const auto norm = to_compute(layer_norm_, dtype);
+  // h0 and hy are separate: hy is written by the rows' last steps while other rows may still read h0.
+  const auto h0 = to_compute(hx_, dtype);
+  auto hy = hx_.to(dtype, false, true).contiguous();
+  auto cy = cx_.to(dtype, false, true).contiguous();
+  const OptTensor bias =
+      b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
+  auto gates = saved_rows_tensor(save, s.rows, saved_rows, 4 * H, input.options());
+  auto cells = saved_rows_tensor(save, s.rows, saved_rows, lstm_norm_cells_width(H), input.options());
+  auto output2d = at::empty({s.rows, H}, input.options());
+  const auto x2d = input.view({s.rows, s.input_size});
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_norm_forward_cpu", [&] {
+    using T = scalar_t;
+    std::array<Tensor, 2> masked;
+    const LstmNormRows<T> rows{norm.const_data_ptr<T>(),
+                               norm.const_data_ptr<T>() + lstm_norm_columns(H),
+                               bias ? bias->const_data_ptr<T>() : nullptr,
+                               recurrent_states<T>(h0, output2d, recurrent_mask, masked),
+                               nullptr,
+                               0,
+                               nullptr,
+                               cy.data_ptr<T>(),
+                               hy.data_ptr<T>(),
+                               save ? cells.data_ptr<T>() : nullptr,
+                               zoneout_keep<T>(zoneout),
+                               zoneout_keep<T>(zoneout_cell),
+                               recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                               H};
+    norm_forward_loop<T>(schedule, s, 4, x2d, w_ih, w_hh, gates, save, rows);
+  });
+  auto output_shape = input_.sizes().vec();
+  output_shape.back() = H;
+  const auto storage = input_.scalar_type();
+  return {output2d.view(output_shape).to(storage), hy.to(storage), cy.to(storage), gates, cells};
+}
+
+LstmBackwardResult lstm_norm_backward_cpu(const Tensor& grad_output_, const Tensor& grad_hy_,
+                                          const Tensor& grad_cy_, const Tensor& input_, const OptTensor& batch_sizes,
+                                          const Tensor& hx_, const Tensor& cx_, const Tensor& w_ih_,
+                                          const Tensor& w_hh_, const Tensor& layer_norm_, const Tensor& output_,
+                                          const Tensor& gates_, const Tensor& cells_, bool reverse,
+                                          std::array<bool, 3> output_mask, const OptTensor& zoneout,
+                                          const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_) {
+  constexpr const char* op = "gatedrnn::lstm_backward";
+  const int64_t width = lstm_norm_cells_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
+  const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
+                                                w_ih_, w_hh_, std::nullopt, output_, gates_, cells_, width);
+  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
+  const int64_t H = s.hidden, G = 4 * H;
+  const auto dtype = compute_dtype(input_.scalar_type());
+  const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
+  const auto norm = to_compute(layer_norm_, dtype);
+  const auto hx = to_compute(hx_, dtype), cx = to_compute(cx_, dtype);
+  const auto grad_out2d = to_compute(grad_output_, dtype).view({s.rows, H});
+  const auto output2d = to_compute(output_, dtype).view({s.rows, H});
+  const auto gates = gates_.contiguous().view({s.rows, G});
+  const auto cells = cells_.contiguous().view({s.rows, width});
+  auto carry = grad_hy_.to(dtype, false, true).contiguous();
+  auto dc = grad_cy_.to(dtype, false, true).contiguous();
+  auto d_pre = scratch_tensor(Scratch::Gates, {s.rows, G}, input.options());
+  auto d_input_proj = at::empty({s.rows, G}, input.options());
+  auto d_recurrent = at::empty({s.rows, G}, input.options());
+  auto d_cell_norm = at::empty({s.rows, H}, input.options());
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_norm_backward_cpu", [&] {
+    using T = scalar_t;
+    const LstmNormGradRows<T> rows{norm.const_data_ptr<T>(),
+                                   norm.const_data_ptr<T>() + lstm_norm_columns(H),
+                                   gates.const_data_ptr<T>(),
+                                   cells.const_data_ptr<T>(),
+                                   cx.const_data_ptr<T>(),
+                                   grad_out2d.const_data_ptr<T>(),
+                                   nullptr,
+                                   carry.data_ptr<T>(),
+                                   dc.data_ptr<T>(),
+                                   d_pre.data_ptr<T>(),
+                                   d_input_proj.data_ptr<T>(),
+                                   d_recurrent.data_ptr<T>(),
+                                   d_cell_norm.data_ptr<T>(),
+                                   zoneout_keep<T>(zoneout),
+                                   zoneout_keep<T>(zoneout_cell),
+                                   recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                                   H};
+    norm_backward_loop<T>(schedule, s, 4, w_hh, d_recurrent, rows);
+  });
+  // The carry holds each row's zoneout part of dh0 (zero without zoneout); h0 reaches the rows' first steps
+  // through W_hh.
+  add_initial_state_grad(carry, schedule, d_recurrent, w_hh, recurrent_mask);
+
+  const auto x2d = input.view({s.rows, s.input_size});
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
+  const auto g = product_grads(args, d_input_proj, d_recurrent);
+  const auto storage = input_.scalar_type();
+  const auto d_bias = output_mask[2] ? d_pre.sum(0).to(storage) : no_grad_tensor(args);
+  const auto d_norm = norm_param_grads({{cells.narrow(1, H, G), d_pre},
+                                        {cells.narrow(1, H + G, G), d_pre},
+                                        {cells.narrow(1, H + 2 * G, H), d_cell_norm}},
+                                       input_.options());
+  return {g.input, carry.to(storage), dc.to(storage), g.w_ih, g.w_hh, d_bias, d_norm};
+}
+
+// ----------------------------------------------------------------------------------------------- GRU
+GruForwardResult gru_norm_forward_cpu(const Tensor& input_, const OptTensor& batch_sizes, const Tensor& hx_,
+                                      const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_,
+                                      const OptTensor& b_hh_, bool reverse, bool save, const OptTensor& zoneout,
+                                      const OptTensor& recurrent_mask_, int64_t saved_rows,
+                                      const Tensor& layer_norm_) {
+  constexpr const char* op = "gatedrnn::gru_forward";
+  const LayerShape s = check_layer_args(op, 3, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
+  const int64_t H = s.hidden;
+  const auto dtype = compute_dtype(input_.scalar_type());
+  const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
+  const auto b_ih = to_compute(b_ih_, dtype), b_hh = to_compute(b_hh_, dtype);
+  const auto norm = to_compute(layer_norm_, dtype);
+  const auto h0 = to_compute(hx_, dtype);
+  auto hy = hx_.to(dtype, false, true).contiguous();
+  // When saving, the projection is written straight into the saved rows, which the row pass then overwrites.
+  auto saved = saved_rows_tensor(save, s.rows, saved_rows, gru_norm_saved_width(H), input.options());
+  auto output2d = at::empty({s.rows, H}, input.options());
+  const auto x2d = input.view({s.rows, s.input_size});
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_norm_forward_cpu", [&] {
+    using T = scalar_t;
+    std::array<Tensor, 2> masked;
+    const GruNormRows<T> rows{norm.const_data_ptr<T>(),
+                              norm.const_data_ptr<T>() + gru_norm_columns(H),
+                              b_ih ? b_ih->const_data_ptr<T>() : nullptr,
+                              b_hh ? b_hh->const_data_ptr<T>() : nullptr,
+                              recurrent_states<T>(h0, output2d, recurrent_mask, masked),
+                              nullptr,
+                              0,
+                              nullptr,
+                              hy.data_ptr<T>(),
+                              save,
+                              zoneout_keep<T>(zoneout),
+                              recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                              H};
+    norm_forward_loop<T>(schedule, s, 3, x2d, w_ih, w_hh, saved, save, rows);
+  });
+  auto output_shape = input_.sizes().vec();
+  output_shape.back() = H;
+  const auto storage = input_.scalar_type();
+  return {output2d.view(output_shape).to(storage), hy.to(storage), saved};
+}
+
+GruNormBackwardResult gru_norm_backward_cpu(const Tensor& grad_output_, const Tensor& grad_hy_, const Tensor& input_,
+                                            const OptTensor& batch_sizes, const Tensor& hx_, const Tensor& w_ih_,
+                                            const Tensor& w_hh_, const Tensor& output_, const Tensor& saved_,
+                                            bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout,
+                                            const OptTensor& recurrent_mask_, const Tensor& layer_norm_) {
+  constexpr const char* op = "gatedrnn::gru_backward";
+  const int64_t width = gru_norm_saved_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
+  const LayerShape s = check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_,
+                                               output_, saved_, width);
+  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
+  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
+  const int64_t H = s.hidden, G = 3 * H;
+  const auto dtype = compute_dtype(input_.scalar_type());
+  const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
+  const auto norm = to_compute(layer_norm_, dtype);
+  const auto hx = to_compute(hx_, dtype);
+  const auto grad_out2d = to_compute(grad_output_, dtype).view({s.rows, H});
+  const auto output2d = to_compute(output_, dtype).view({s.rows, H});
+  const auto saved = saved_.contiguous().view({s.rows, width});
+  auto dh = grad_hy_.to(dtype, false, true).contiguous();  // the carry: grad_hy in, dh0's direct part out
+  auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, 4 * H}, input.options());
+  auto d_input_proj = at::empty({s.rows, G}, input.options());
+  auto d_recurrent = at::empty({s.rows, G}, input.options());
+
+  const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_norm_backward_cpu", [&] {
+    using T = scalar_t;
+    const GruNormGradRows<T> rows{norm.const_data_ptr<T>(),
+                                  saved.const_data_ptr<T>(),
+                                  {hx.const_data_ptr<T>(), output2d.const_data_ptr<T>(), nullptr, nullptr, H},
+                                  grad_out2d.const_data_ptr<T>(),
+                                  nullptr,
+                                  dh.data_ptr<T>(),
+                                  d_gates.data_ptr<T>(),
+                                  d_input_proj.data_ptr<T>(),
+                                  d_recurrent.data_ptr<T>(),
+                                  zoneout_keep<T>(zoneout),
+                                  recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                                  H};
+    norm_backward_loop<T>(schedule, s, 3, w_hh, d_recurrent, rows);
+  });
+  add_initial_state_grad(dh, schedule, d_recurrent, w_hh, recurrent_mask);
+
+  const auto x2d = input.view({s.rows, s.input_size});
+  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
+  const auto g = product_grads(args, d_input_proj, d_recurrent);
+  // d_gates is [dr, dz, dhn, dn]: the input side's pre-norm-output gradients are [dr, dz, dn], the hidden
+  // side's [dr, dz, dhn] (as in gru_layer_grads).
+  const auto d_input_side = at::cat({d_gates.narrow(1, 0, 2 * H), d_gates.narrow(1, 3 * H, H)}, 1);
+  const auto d_hidden_side = d_gates.narrow(1, 0, G);
+  const auto storage = input_.scalar_type();
+  const bool want_bias = output_mask[2];
+  return {g.input,
+          dh.to(storage),
+          g.w_ih,
+          g.w_hh,
+          want_bias ? d_input_side.sum(0).to(storage) : no_grad_tensor(args),
+          want_bias ? d_hidden_side.sum(0).to(storage) : no_grad_tensor(args),
+          norm_param_grads({{saved.narrow(1, 4 * H, G), d_input_side}, {saved.narrow(1, 7 * H, G), d_hidden_side}},
+                           input_.options())};
+}
+
+}  // namespace gatedrnn::cpu
