@@ -49,7 +49,7 @@ MAX_LOG_BYTES = 4 << 20  # of the logs file; the device returns files up to 16 M
 # GPU-only file, run whole.
 CUDA_VARIANT_SUITES = ("test_parity.py", "test_ops.py", "test_autocast.py", "test_bad_input.py", "test_modules.py",
                        "test_backend.py", "test_lengths.py", "test_zoneout.py", "test_dropout.py",
-                       "test_weight_dropout.py", "test_reset_before.py")
+                       "test_weight_dropout.py", "test_reset_before.py", "test_layer_norm.py")
 GPU_ONLY_SUITE = "test_cuda.py"
 
 

@@ -1,5 +1,5 @@
-"""The variant cases (layers beyond torch.nn: zoneout, recurrent dropout, the GRU with reset_after=False): what
-gatedrnn is compared with there.
+"""The variant cases (layers beyond torch.nn: zoneout, recurrent dropout, the GRU with reset_after=False, the
+LayerNorm LSTM and GRU): what gatedrnn is compared with there.
 
 torch.nn has no such layers, so the oracle to beat is what users write today: a per-step Python loop over the
 torch.nn cell with the variant written out around it. Each variant case times three implementations: gatedrnn
@@ -22,6 +22,7 @@ VARIANTS = {
     "recurrent_dropout": {"LSTM": dict(recurrent_dropout=RECURRENT_DROPOUT_P),
                           "GRU": dict(recurrent_dropout=RECURRENT_DROPOUT_P)},
     "reset_after=False": {"GRU": dict(reset_after=False)},
+    "layer_norm": {"LSTM": dict(layer_norm=True), "GRU": dict(layer_norm=True)},
 }
 
 
@@ -37,6 +38,12 @@ class CellLoop(nn.Module):
         self.case = case
         self.cell = getattr(nn, f"{case.mode}Cell")(case.I, case.H).to(reference.weight_ih_l0)
         self.cell.load_state_dict({name[:-3]: value for name, value in reference.state_dict().items()})
+        if case.variant == "layer_norm":  # torch.nn.LayerNorm's initialisation, as gatedrnn's norms have it
+            gates = {"LSTM": 4, "GRU": 3}[case.mode] * case.H
+            self.norm_ih = nn.LayerNorm(gates).to(reference.weight_ih_l0)
+            self.norm_hh = nn.LayerNorm(gates).to(reference.weight_ih_l0)
+            if case.mode == "LSTM":
+                self.norm_cell = nn.LayerNorm(case.H).to(reference.weight_ih_l0)
 
     def _keeps(self, T, B, like):
         """Zoneout draws as gatedrnn makes them (1 where rand < p), each state's [T * B, H] at once (h's, then
@@ -74,7 +81,35 @@ class CellLoop(nn.Module):
             n = torch.tanh(i_n + F.linear(r * h_read, cell.weight_hh[2 * H:], cell.bias_hh[2 * H:]))
         return (1 - z) * n + z * h
 
+    def _layer_norm_step(self, x, h, c):
+        """A LayerNorm cell step written out with torch.nn.LayerNorm: each product normalised before the biases,
+        and the LSTM's c before the tanh of h."""
+        cell = self.cell
+        gi = self.norm_ih(F.linear(x, cell.weight_ih)) + cell.bias_ih
+        gh = self.norm_hh(F.linear(h, cell.weight_hh)) + cell.bias_hh
+        if self.case.mode == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(self.norm_cell(c)), c
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h, c
+
+    def _forward_layer_norm(self, x):
+        h = x.new_zeros(x.shape[1], self.case.H)
+        c = x.new_zeros(x.shape[1], self.case.H)
+        outputs = []
+        for t in range(x.shape[0]):
+            h, c = self._layer_norm_step(x[t], h, c)
+            outputs.append(h)
+        state = (h.unsqueeze(0), c.unsqueeze(0)) if self.case.mode == "LSTM" else h.unsqueeze(0)
+        return torch.stack(outputs), state
+
     def forward(self, x):
+        if self.case.variant == "layer_norm":
+            return self._forward_layer_norm(x)
         if self.case.variant == "recurrent_dropout":
             return self._forward_recurrent_dropout(x)
         if self.case.variant == "reset_after=False":

@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <array>
-#include <initializer_list>
-#include <utility>
 #include <vector>
 
 #include "sequence.h"
@@ -119,18 +117,6 @@ inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_ga
   if (want_weights && d_proj.defined()) g.w_hr = product(a.matmul, d_proj.t(), pre_proj).to(dtype);
   if (want_bias) g.bias = d_gates.sum(0).to(dtype);
   return g;
-}
-
-// The gradient of a layer_norm tensor (layer_norm.h): [2, sum of n_k], gains then biases, from each norm's
-// normalised rows x_hat [N, n_k] (any row stride) and the gradient d_out [N, n_k] reaching its output.
-inline at::Tensor norm_param_grads(std::initializer_list<std::pair<at::Tensor, at::Tensor>> norms,
-                                   const at::TensorOptions& storage) {
-  std::vector<at::Tensor> gains, biases;
-  for (const auto& [x_hat, d_out] : norms) {
-    gains.push_back((d_out * x_hat).sum(0));
-    biases.push_back(d_out.sum(0));
-  }
-  return at::stack({at::cat(gains), at::cat(biases)}).to(storage.dtype());
 }
 
 struct GruGrads {

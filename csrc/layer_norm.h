@@ -38,27 +38,65 @@ struct NormStats {
   T mean, rstd;
 };
 
+// Sums over a row in kSumLanes independent partial sums: a loop the compiler vectorises without reassociating
+// floating-point adds (`sum += x[j]` is one serial chain, four cycles an element). No lambdas here: a lambda's
+// body is compiled for the baseline instruction set, not for the CPU loops' own (csrc/cpu/tiles.h).
+constexpr int kSumLanes = 16;
+
+template <typename T>
+GATEDRNN_HD T finish_sum(const T (&part)[kSumLanes], T tail) {
+  for (int l = 0; l < kSumLanes; ++l) tail += part[l];
+  return tail;
+}
+
+// sum of x[j]
+template <typename T>
+GATEDRNN_HD T row_sum(const T* x, int64_t n) {
+  T part[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) part[l] += x[j + l];
+  T tail = 0;
+  for (; j < n; ++j) tail += x[j];
+  return finish_sum(part, tail);
+}
+
+// sum of (x[j] - mean)^2
+template <typename T>
+GATEDRNN_HD T row_squares(const T* x, T mean, int64_t n) {
+  T part[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) part[l] += (x[j + l] - mean) * (x[j + l] - mean);
+  T tail = 0;
+  for (; j < n; ++j) tail += (x[j] - mean) * (x[j] - mean);
+  return finish_sum(part, tail);
+}
+
+// sum of a[j] * b[j]
+template <typename T>
+GATEDRNN_HD T row_dot(const T* a, const T* b, int64_t n) {
+  T part[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) part[l] += a[j + l] * b[j + l];
+  T tail = 0;
+  for (; j < n; ++j) tail += a[j] * b[j];
+  return finish_sum(part, tail);
+}
+
 // Mean and reciprocal standard deviation of x[0, n), in two passes (the variance of values far from zero
 // loses nothing to cancellation).
 template <typename T>
 GATEDRNN_HD NormStats<T> norm_stats(const T* x, int64_t n) {
-  T sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += x[j];
-  const T mean = sum / T(n);
-  T squares = 0;
-  for (int64_t j = 0; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
-  return {mean, T(1) / std::sqrt(squares / T(n) + T(kLayerNormEps))};
+  const T mean = row_sum(x, n) / T(n);
+  return {mean, T(1) / std::sqrt(row_squares(x, mean, n) / T(n) + T(kLayerNormEps))};
 }
 
 // dx[0, n) from g = dL/dx^ and the row's x^ and rstd. dx may be g.
 template <typename T>
 GATEDRNN_HD void norm_backward(const T* g, const T* x_hat, T rstd, int64_t n, T* dx) {
-  T sum_g = 0, sum_gx = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    sum_g += g[j];
-    sum_gx += g[j] * x_hat[j];
-  }
-  const T mean_g = sum_g / T(n), mean_gx = sum_gx / T(n);
+  const T mean_g = row_sum(g, n) / T(n), mean_gx = row_dot(g, x_hat, n) / T(n);
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (g[j] - mean_g - x_hat[j] * mean_gx);
 }
 

@@ -93,12 +93,14 @@ def test_a_disagreeing_onnx_runtime_is_reported_not_timed(monkeypatch):
 
 
 @pytest.mark.parametrize("mode,variant", [("LSTM", "zoneout"), ("GRU", "zoneout"), ("LSTM", "recurrent_dropout"),
-                                          ("GRU", "recurrent_dropout"), ("GRU", "reset_after=False")])
+                                          ("GRU", "recurrent_dropout"), ("GRU", "reset_after=False"),
+                                          ("LSTM", "layer_norm"), ("GRU", "layer_norm")])
 def test_variant_cases_time_gatedrnn_against_a_torch_nn_cell_loop(mode, variant):
     """A variant case (benchmarks/variants.py): gatedrnn with the variant, the per-step loop over torch.nn's cell
     users write today (the speed-up's baseline, making gatedrnn's draws from the same seed, so that training
     outputs and input gradients agree to float32 rounding), and gatedrnn's plain layer (what the variant costs)."""
-    assert {c.variant for c in standard_cases("cpu")} >= {"", "zoneout", "recurrent_dropout", "reset_after=False"}
+    assert {c.variant for c in standard_cases("cpu")} >= {"", "zoneout", "recurrent_dropout", "reset_after=False",
+                                                          "layer_norm"}
     case = Case(mode, 6, 3, 4, 5, training=True, variant=variant)
     assert measure.implementations("cpu", case) == ["gatedrnn", "torch.nn loop", "gatedrnn plain"]
     result = measure.measure(case, "cpu", repeats=1, warmup=0)

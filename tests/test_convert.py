@@ -258,8 +258,11 @@ def test_variants_torch_nn_lacks_are_not_converted_back_silently():
     forget_bias only initialises, so it converts."""
     model = nn.Sequential(gatedrnn.LSTM(3, 4, zoneout=0.1), gatedrnn.GRU(4, 4, recurrent_dropout=0.2),
                           gatedrnn.LSTM(4, 4, forget_bias=1.0), gatedrnn.GRU(4, 4, reset_after=False),
-                          gatedrnn.GRUCell(4, 4, reset_after=False))
+                          gatedrnn.GRUCell(4, 4, reset_after=False), gatedrnn.LSTM(4, 4, layer_norm=True),
+                          gatedrnn.LSTMCell(4, 4, layer_norm=True))
     with pytest.warns(UserWarning, match=r"0 \(it uses zoneout=0.1.*1 \(it uses recurrent_dropout=0.2.*"
-                                         r"3 \(it uses reset_after=False.*4 \(it uses reset_after=False"):
+                                         r"3 \(it uses reset_after=False.*4 \(it uses reset_after=False.*"
+                                         r"5 \(it uses layer_norm=True.*6 \(it uses layer_norm=True"):
         back = gatedrnn.convert(model, to="torch")
-    assert [type(m) for m in back] == [gatedrnn.LSTM, gatedrnn.GRU, nn.LSTM, gatedrnn.GRU, gatedrnn.GRUCell]
+    assert [type(m) for m in back] == [gatedrnn.LSTM, gatedrnn.GRU, nn.LSTM, gatedrnn.GRU, gatedrnn.GRUCell,
+                                       gatedrnn.LSTM, gatedrnn.LSTMCell]

@@ -10,7 +10,7 @@ from torch import nn
 
 import gatedrnn
 from gatedrnn import _ops, reference
-from utils import VARIANT_LENGTHS, VARIANT_SIZES, assert_same_results_and_grads, variant_layer_args
+from utils import DEVICES, VARIANT_LENGTHS, VARIANT_SIZES, assert_same_results_and_grads, variant_layer_args
 
 T, B, I, H = VARIANT_SIZES
 NORM_COLUMNS = {"LSTM": 9 * H, "GRU": 6 * H}
@@ -330,3 +330,32 @@ def test_the_ops_refuse_what_they_cannot_run():
     gru_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _args("GRU", "dense", g)]
     with pytest.raises(RuntimeError, match="layer_norm does not support reset_after=False"):
         ops.gru_forward(*gru_args, False, False, reset_after=False, layer_norm=_norm("GRU", g).detach())
+
+
+def test_keras_weights_are_refused():
+    with pytest.raises(ValueError, match="no layer normalisation"):
+        gatedrnn.to_keras_weights(gatedrnn.GRU(I, H, layer_norm=True))
+
+
+def test_a_torch_nn_state_dict_loads_without_the_norms():
+    """torch.nn's parameters load into a layer_norm module (strict=False names the norms as missing), and with
+    the norms at their initialisation the module computes the reference's LayerNorm cell on those weights."""
+    torch.manual_seed(11)
+    plain = nn.LSTM(I, H, dtype=torch.float64)
+    module = gatedrnn.LSTM(I, H, layer_norm=True, dtype=torch.float64)
+    missing, unexpected = module.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == sorted(n for n in module.state_dict() if n.startswith("layer_norm_"))
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    zeros = torch.zeros(1, B, H, dtype=torch.float64)
+    norm = [torch.stack([torch.ones(9 * H, dtype=torch.float64), torch.zeros(9 * H, dtype=torch.float64)])]
+    expected = reference.lstm(x, None, zeros, zeros, plain._flat_weights, layer_norms=norm)[0]
+    torch.testing.assert_close(module(x)[0], expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only: it has no layer_norm kernels yet
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cuda_refuses_layer_norm_by_name(mode, device):
+    """No silent fallback: CUDA tensors with layer_norm get an error that says so."""
+    module = getattr(gatedrnn, mode)(I, H, layer_norm=True).to(device)
+    with pytest.raises(RuntimeError, match="layer_norm has no kernel for CUDA tensors yet"):
+        module(torch.randn(T, B, I, device=device))

@@ -135,6 +135,30 @@ def test_proj_size_is_refused_by_name(tmp_path):
         torch.onnx.export(model, (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_norm_is_refused_by_name(mode):
+    model = getattr(gatedrnn, mode)(5, 8, layer_norm=True).eval()
+    with pytest.raises(Exception, match="ONNX export of layer_norm=True is not supported"):
+        torch.onnx.export(model, (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+
+
+def test_the_op_itself_refuses_layer_norm():
+    """Called directly, with a layer_norm tensor, the op's translation refuses it too."""
+
+    class RawOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_ih, self.w_hh = torch.nn.Parameter(torch.randn(24, 5)), torch.nn.Parameter(torch.randn(24, 8))
+            self.norm = torch.nn.Parameter(torch.ones(2, 48))
+
+        def forward(self, x):
+            return torch.ops.gatedrnn.gru_forward(x, None, x.new_zeros(x.size(1), 8), self.w_ih, self.w_hh, None,
+                                                  None, False, False, layer_norm=self.norm)[0]
+
+    with pytest.raises(Exception, match="ONNX export of layer_norm=True is not supported"):
+        torch.onnx.export(RawOp().eval(), (torch.randn(4, 2, 5),), dynamo=True, verbose=False)
+
+
 def test_packed_input_is_refused_by_name():
     class Packed(torch.nn.Module):
         def __init__(self):

@@ -198,9 +198,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   // When saving, the projection is written straight into the saved buffer, whose rows the step's epilogue
   // then overwrites with r, z, n, hn.
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  auto saved_kept = save ? at::empty({std::max(s.rows, saved_rows), kSaved * s.hidden}, input.options()) : Tensor();
+  auto saved_kept = saved_rows_tensor(save, s.rows, saved_rows, kSaved * s.hidden, input.options().dtype(dtype));
   auto saved = save ? saved_kept.narrow(0, 0, s.rows) : Tensor();
-  if (save) saved_kept.narrow(0, s.rows, saved_kept.size(0) - s.rows).zero_();  // rows no step writes: deterministic
   OptTensor bias_input;
   if (b_ih.has_value()) {
     // b_hh's r and z parts enter the gates exactly like b_ih's; its n part is multiplied by r, unless the reset
@@ -231,7 +230,6 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.hidden;
   const auto storage = input_.scalar_type();
-  if (!save) saved_kept = at::empty({0}, input.options().dtype(dtype));
   return {output2d.view(output_shape).to(storage), hy.to(storage), saved_kept};
 }
 

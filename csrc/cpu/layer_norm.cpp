@@ -13,8 +13,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "../layer_grads.h"
@@ -56,6 +58,56 @@ struct LaterProductTiles : ProductTiles<T> {
 GATEDRNN_TILE_KERNELS(run_input_product, ProductTiles, "layer_norm_input_projection")
 GATEDRNN_TILE_KERNELS(run_recurrent_product, StateProductTiles, "layer_norm_recurrent_product")
 GATEDRNN_TILE_KERNELS(run_backward_product, LaterProductTiles, "layer_norm_backward_product")
+
+// What a thread's share of a step's row pass needs besides the rows' struct.
+template <typename T>
+struct RowRange {
+  Step step;
+  int64_t begin, end, proj_row0;  // proj_row0: the forward's first projected row in its buffer
+  T* scratch;                     // the thread's own
+};
+
+template <typename Rows>
+GATEDRNN_ALWAYS_INLINE void run_rows(const Rows& rows, const RowRange<typename Rows::scalar>& r) {
+  for (int64_t b = r.begin; b < r.end; ++b) {
+    if constexpr (Rows::kForward) {
+      rows.forward_row(r.step, b, r.proj_row0, r.scratch);
+    } else {
+      rows.backward_row(r.step, b, r.scratch);
+    }
+  }
+}
+
+// Defines `void run_row_pass(const ROWS<T>&, const RowRange<T>&)` for float and double: the row passes compiled
+// for each instruction set as the tile kernels are (tiles.h), so that their loops (the norms' sums, the cell's
+// exp and tanh) vectorise as wide as the CPU allows; the best the CPU has is chosen once.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GATEDRNN_ROW_PASS(ROWS)                                                                                      \
+  GATEDRNN_TARGET_AVX512 void run_row_pass_avx512(const ROWS& rows, const RowRange<ROWS::scalar>& r) {               \
+    run_rows(rows, r);                                                                                               \
+  }                                                                                                                  \
+  GATEDRNN_TARGET_AVX2 void run_row_pass_avx2(const ROWS& rows, const RowRange<ROWS::scalar>& r) { run_rows(rows, r); } \
+  void run_row_pass_baseline(const ROWS& rows, const RowRange<ROWS::scalar>& r) { run_rows(rows, r); }              \
+  void run_row_pass(const ROWS& rows, const RowRange<ROWS::scalar>& r) {                                            \
+    using Fn = void (*)(const ROWS&, const RowRange<ROWS::scalar>&);                                                 \
+    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(run_row_pass_avx512)                         \
+                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(run_row_pass_avx2)                           \
+                                                      : static_cast<Fn>(run_row_pass_baseline);                      \
+    chosen(rows, r);                                                                                                 \
+  }
+#else
+#define GATEDRNN_ROW_PASS(ROWS) \
+  void run_row_pass(const ROWS& rows, const RowRange<ROWS::scalar>& r) { run_rows(rows, r); }
+#endif
+
+#define GATEDRNN_ROW_PASSES(ROWS) \
+  GATEDRNN_ROW_PASS(ROWS<float>)  \
+  GATEDRNN_ROW_PASS(ROWS<double>)
+
+GATEDRNN_ROW_PASSES(LstmNormRows)
+GATEDRNN_ROW_PASSES(LstmNormGradRows)
+GATEDRNN_ROW_PASSES(GruNormRows)
+GATEDRNN_ROW_PASSES(GruNormGradRows)
 
 // A plain product's tiles over the packed weight `w` (Contiguous, 4 groups), storing into c, ldc apart.
 template <typename T>
@@ -107,7 +159,7 @@ void norm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, i
         run_recurrent_product(rec, share.begin, share.end);
         team.barrier();
         share = share_of(rec.step.rows, team.tid, team.threads);
-        for (int64_t b = share.begin; b < share.end; ++b) rows.forward_row(rec.step, b, proj_row0, mine);
+        run_row_pass(rows, RowRange<T>{rec.step, share.begin, share.end, proj_row0, mine});
         team.barrier();
       }
     }
@@ -141,19 +193,59 @@ void norm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
       run_backward_product(pr, share.begin, share.end);
       team.barrier();
       share = share_of(step.rows, team.tid, team.threads);
-      for (int64_t b = share.begin; b < share.end; ++b) rows.backward_row(step, b, mine);
+      run_row_pass(rows, RowRange<T>{step, share.begin, share.end, 0, mine});
       team.barrier();
     }
   });
 }
 
-// The saved activations of a call: `width` columns and max(rows, saved_rows) rows (padded.h), the rows no
-// step writes zeroed; empty when not saving.
-Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width, const at::TensorOptions& options) {
-  if (!save) return at::empty({0}, options);
-  auto kept = at::empty({std::max(rows, saved_rows), width}, options);
-  kept.narrow(0, rows, kept.size(0) - rows).zero_();
-  return kept;
+// One norm's part of the layer_norm tensor's gradient: its normalised rows x_hat and the gradient d_out reaching
+// its output, [N, n] each with their own row strides, for columns [offset, offset + n) of the gradient.
+struct NormGradPart {
+  Tensor x_hat, d_out;
+  int64_t offset;
+};
+
+// The layer_norm tensor's gradient [2, columns]: the gains' row sum_rows d_out * x_hat, the biases' sum_rows
+// d_out. Parallel over blocks of columns, each column summed over the rows in order, so the result does not
+// depend on the thread count; no [N, n] temporary (a fresh one is faulted in page by page).
+template <typename T>
+void norm_param_grads(const std::vector<NormGradPart>& parts, Tensor& grad) {
+  constexpr int64_t kColumns = 64;
+  T* gains = grad.data_ptr<T>();
+  T* biases = gains + grad.size(1);
+  for (const auto& part : parts) {
+    const int64_t rows = part.x_hat.size(0), n = part.x_hat.size(1);
+    const T* x = part.x_hat.const_data_ptr<T>();
+    const T* d = part.d_out.const_data_ptr<T>();
+    const int64_t xs = part.x_hat.stride(0), ds = part.d_out.stride(0);
+    at::parallel_for(0, (n + kColumns - 1) / kColumns, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t block = b0; block < b1; ++block) {
+        const int64_t c0 = block * kColumns, width = std::min(kColumns, n - c0);
+        T g[kColumns] = {}, s[kColumns] = {};
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* xr = x + r * xs + c0;
+          const T* dr = d + r * ds + c0;
+          GATEDRNN_IVDEP
+          for (int64_t j = 0; j < width; ++j) {
+            g[j] += dr[j] * xr[j];
+            s[j] += dr[j];
+          }
+        }
+        for (int64_t j = 0; j < width; ++j) {
+          gains[part.offset + c0 + j] = g[j];
+          biases[part.offset + c0 + j] = s[j];
+        }
+      }
+    });
+  }
+}
+
+Tensor norm_param_grads(const std::vector<NormGradPart>& parts, int64_t columns) {
+  auto grad = at::empty({2, columns}, parts.front().x_hat.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gatedrnn_norm_param_grads",
+                             [&] { norm_param_grads<scalar_t>(parts, grad); });
+  return grad;
 }
 
 }  // namespace
@@ -180,8 +272,9 @@ LstmForwardResult lstm_norm_forward_cpu(const Tensor& input_, const OptTensor& b
   const auto h0 = to_compute(hx_, dtype);
   auto hy = hx_.to(dtype, false, true).contiguous();
   auto cy = cx_.to(dtype, false, true).contiguous();
-  const OptTensor bias =
-      b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
+  // The row pass adds biases unconditionally (a condition would keep its loop from vectorising): zeros without.
+  const auto bias = b_ih_.has_value() ? (b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()
+                                      : at::zeros({4 * H}, input.options());
   auto gates = saved_rows_tensor(save, s.rows, saved_rows, 4 * H, input.options());
   auto cells = saved_rows_tensor(save, s.rows, saved_rows, lstm_norm_cells_width(H), input.options());
   auto output2d = at::empty({s.rows, H}, input.options());
@@ -193,7 +286,7 @@ LstmForwardResult lstm_norm_forward_cpu(const Tensor& input_, const OptTensor& b
     std::array<Tensor, 2> masked;
     const LstmNormRows<T> rows{norm.const_data_ptr<T>(),
                                norm.const_data_ptr<T>() + lstm_norm_columns(H),
-                               bias ? bias->const_data_ptr<T>() : nullptr,
+                               bias.const_data_ptr<T>(),
                                recurrent_states<T>(h0, output2d, recurrent_mask, masked),
                                nullptr,
                                0,
@@ -240,9 +333,9 @@ LstmBackwardResult lstm_norm_backward_cpu(const Tensor& grad_output_, const Tens
   auto carry = grad_hy_.to(dtype, false, true).contiguous();
   auto dc = grad_cy_.to(dtype, false, true).contiguous();
   auto d_pre = scratch_tensor(Scratch::Gates, {s.rows, G}, input.options());
-  auto d_input_proj = at::empty({s.rows, G}, input.options());
-  auto d_recurrent = at::empty({s.rows, G}, input.options());
-  auto d_cell_norm = at::empty({s.rows, H}, input.options());
+  auto d_input_proj = scratch_tensor(Scratch::NormInputGrads, {s.rows, G}, input.options());
+  auto d_recurrent = scratch_tensor(Scratch::NormRecurrentGrads, {s.rows, G}, input.options());
+  auto d_cell_norm = scratch_tensor(Scratch::NormCellGrads, {s.rows, H}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_norm_backward_cpu", [&] {
@@ -276,12 +369,13 @@ LstmBackwardResult lstm_norm_backward_cpu(const Tensor& grad_output_, const Tens
                            reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = product_grads(args, d_input_proj, d_recurrent);
   const auto storage = input_.scalar_type();
-  const auto d_bias = output_mask[2] ? d_pre.sum(0).to(storage) : no_grad_tensor(args);
-  const auto d_norm = norm_param_grads({{cells.narrow(1, H, G), d_pre},
-                                        {cells.narrow(1, H + G, G), d_pre},
-                                        {cells.narrow(1, H + 2 * G, H), d_cell_norm}},
-                                       input_.options());
-  return {g.input, carry.to(storage), dc.to(storage), g.w_ih, g.w_hh, d_bias, d_norm};
+  // Both norms' outputs and both biases get d_pre: the input norm's bias gradient is the biases' too.
+  const auto d_norm = norm_param_grads({{cells.narrow(1, H, G), d_pre, 0},
+                                        {cells.narrow(1, H + G, G), d_pre, G},
+                                        {cells.narrow(1, H + 2 * G, H), d_cell_norm, 2 * G}},
+                                       lstm_norm_columns(H));
+  const auto d_bias = output_mask[2] ? d_norm[1].narrow(0, 0, G).to(storage, false, true) : no_grad_tensor(args);
+  return {g.input, carry.to(storage), dc.to(storage), g.w_ih, g.w_hh, d_bias, d_norm.to(storage)};
 }
 
 // ----------------------------------------------------------------------------------------------- GRU
@@ -299,7 +393,9 @@ GruForwardResult gru_norm_forward_cpu(const Tensor& input_, const OptTensor& bat
   const int64_t H = s.hidden;
   const auto dtype = compute_dtype(input_.scalar_type());
   const auto input = to_compute(input_, dtype), w_ih = to_compute(w_ih_, dtype), w_hh = to_compute(w_hh_, dtype);
-  const auto b_ih = to_compute(b_ih_, dtype), b_hh = to_compute(b_hh_, dtype);
+  // Zeros without biases, as in the LSTM's.
+  const auto no_bias = at::zeros({3 * H}, input.options());
+  const auto b_ih = b_ih_ ? to_compute(*b_ih_, dtype) : no_bias, b_hh = b_hh_ ? to_compute(*b_hh_, dtype) : no_bias;
   const auto norm = to_compute(layer_norm_, dtype);
   const auto h0 = to_compute(hx_, dtype);
   auto hy = hx_.to(dtype, false, true).contiguous();
@@ -314,8 +410,8 @@ GruForwardResult gru_norm_forward_cpu(const Tensor& input_, const OptTensor& bat
     std::array<Tensor, 2> masked;
     const GruNormRows<T> rows{norm.const_data_ptr<T>(),
                               norm.const_data_ptr<T>() + gru_norm_columns(H),
-                              b_ih ? b_ih->const_data_ptr<T>() : nullptr,
-                              b_hh ? b_hh->const_data_ptr<T>() : nullptr,
+                              b_ih.const_data_ptr<T>(),
+                              b_hh.const_data_ptr<T>(),
                               recurrent_states<T>(h0, output2d, recurrent_mask, masked),
                               nullptr,
                               0,
@@ -356,8 +452,8 @@ GruNormBackwardResult gru_norm_backward_cpu(const Tensor& grad_output_, const Te
   const auto saved = saved_.contiguous().view({s.rows, width});
   auto dh = grad_hy_.to(dtype, false, true).contiguous();  // the carry: grad_hy in, dh0's direct part out
   auto d_gates = scratch_tensor(Scratch::Gates, {s.rows, 4 * H}, input.options());
-  auto d_input_proj = at::empty({s.rows, G}, input.options());
-  auto d_recurrent = at::empty({s.rows, G}, input.options());
+  auto d_input_proj = scratch_tensor(Scratch::NormInputGrads, {s.rows, G}, input.options());
+  auto d_recurrent = scratch_tensor(Scratch::NormRecurrentGrads, {s.rows, G}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_gru_norm_backward_cpu", [&] {
@@ -383,20 +479,21 @@ GruNormBackwardResult gru_norm_backward_cpu(const Tensor& grad_output_, const Te
   const LayerGradArgs args{x2d, w_ih, h_read, h0_read, schedule, !batch_sizes.has_value(),
                            reverse, output_mask, input_.sizes(), input_.options(), cpu_matmul};
   const auto g = product_grads(args, d_input_proj, d_recurrent);
-  // d_gates is [dr, dz, dhn, dn]: the input side's pre-norm-output gradients are [dr, dz, dn], the hidden
-  // side's [dr, dz, dhn] (as in gru_layer_grads).
-  const auto d_input_side = at::cat({d_gates.narrow(1, 0, 2 * H), d_gates.narrow(1, 3 * H, H)}, 1);
-  const auto d_hidden_side = d_gates.narrow(1, 0, G);
+  // d_gates is [dr, dz, dhn, dn]: the input side's norm output got [dr, dz, dn], the hidden side's [dr, dz, dhn]
+  // (as in gru_layer_grads). The norms' biases add to b_ih and b_hh exactly, so theirs are the same gradients.
+  const auto d_norm = norm_param_grads({{saved.narrow(1, 4 * H, 2 * H), d_gates.narrow(1, 0, 2 * H), 0},
+                                        {saved.narrow(1, 6 * H, H), d_gates.narrow(1, 3 * H, H), 2 * H},
+                                        {saved.narrow(1, 7 * H, G), d_gates.narrow(1, 0, G), G}},
+                                       gru_norm_columns(H));
   const auto storage = input_.scalar_type();
   const bool want_bias = output_mask[2];
   return {g.input,
           dh.to(storage),
           g.w_ih,
           g.w_hh,
-          want_bias ? d_input_side.sum(0).to(storage) : no_grad_tensor(args),
-          want_bias ? d_hidden_side.sum(0).to(storage) : no_grad_tensor(args),
-          norm_param_grads({{saved.narrow(1, 4 * H, G), d_input_side}, {saved.narrow(1, 7 * H, G), d_hidden_side}},
-                           input_.options())};
+          want_bias ? d_norm[1].narrow(0, 0, G).to(storage, false, true) : no_grad_tensor(args),
+          want_bias ? d_norm[1].narrow(0, G, G).to(storage, false, true) : no_grad_tensor(args),
+          d_norm.to(storage)};
 }
 
 }  // namespace gatedrnn::cpu

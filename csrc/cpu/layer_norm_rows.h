@@ -19,26 +19,58 @@
 
 namespace gatedrnn::cpu {
 
-// Scratch per thread for one row: a row pass never needs more than three rows of G gates and one of H units.
-inline int64_t row_scratch(int64_t gates, int64_t hidden) { return 3 * gates * hidden + hidden; }
+// Scratch per thread for one row pass: at most six rows of G gates and four of H units.
+inline int64_t row_scratch(int64_t gates, int64_t hidden) { return (6 * gates + 4) * hidden; }
 
-// y = gain * x^ + shift over one norm's columns of a row, x^ stored when `x_hat` is not null.
+// The hot loops below are kept free of conditions so that they vectorise: what a row may or may not have
+// (zoneout, a recurrent mask, biases, saving) is resolved outside them, into plain arrays or separate loops.
+
+// x^ = (x - mean) * rstd into x_hat, then y = gain * x^ + shift.
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void normalise_into(const T* x, int64_t n, NormStats<T> stats, const T* gain, const T* shift,
                                            T* x_hat, T* y) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = (x[j] - stats.mean) * stats.rstd;
-    if (x_hat) x_hat[j] = v;
-    y[j] = gain[j] * v + shift[j];
-  }
+  GATEDRNN_IVDEP
+  for (int64_t j = 0; j < n; ++j) x_hat[j] = (x[j] - stats.mean) * stats.rstd;
+  GATEDRNN_IVDEP
+  for (int64_t j = 0; j < n; ++j) y[j] = gain[j] * x_hat[j] + shift[j];
 }
 
 // dL/dx of one norm's columns of a row from dL/dy (scratch: n values).
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void norm_grad(const T* d_y, const T* gain, const T* x_hat, T rstd, int64_t n, T* scratch,
                                       T* d_x) {
+  GATEDRNN_IVDEP
   for (int64_t j = 0; j < n; ++j) scratch[j] = d_y[j] * gain[j];
   norm_backward(scratch, x_hat, rstd, n, d_x);
+}
+
+// The gradient reaching h_t of one row: the product (times the recurrent mask, through which the product read
+// h_t), the output's gradient and the carry; the carry keeps zoneout's kept part k_h dh (keep: the row's keep
+// values), and what is returned in dh is the rest, (1 - k_h) dh.
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void hidden_grad(const T* product, const T* mask, const T* grad_output, const T* keep,
+                                        int64_t n, T* carried, T* dh) {
+  if (mask) {
+    GATEDRNN_IVDEP
+    for (int64_t l = 0; l < n; ++l) dh[l] = product[l] * mask[l];
+  } else {
+    GATEDRNN_IVDEP
+    for (int64_t l = 0; l < n; ++l) dh[l] = product[l];
+  }
+  GATEDRNN_IVDEP
+  for (int64_t l = 0; l < n; ++l) {
+    const T d = dh[l] + grad_output[l] + carried[l];
+    carried[l] = keep[l] * d;
+    dh[l] = (T(1) - keep[l]) * d;
+  }
+}
+
+// h_t * mask, what the next step's product reads with recurrent dropout.
+template <typename T>
+GATEDRNN_ALWAYS_INLINE void store_masked(const T* h, const T* mask, int64_t n, T* out) {
+  if (!mask) return;
+  GATEDRNN_IVDEP
+  for (int64_t l = 0; l < n; ++l) out[l] = h[l] * mask[l];
 }
 
 // ---------------------------------------------------------------------------------------------- LSTM
@@ -48,7 +80,7 @@ template <typename T>
 struct LstmNormRows {
   const T* gain;   // [9H]
   const T* shift;  // [9H]
-  const T* bias;   // [4H]: b_ih + b_hh, or null
+  const T* bias;   // [4H]: b_ih + b_hh (zeros without biases)
   RecurrentStates<T> states;
   T* input_proj;  // x W_ih^T of rows from the chunk's first on; with saving, the saved gates' rows (overwritten)
   int64_t proj_stride;
@@ -60,45 +92,59 @@ struct LstmNormRows {
   const T* recurrent_mask;  // [B, H] or null
   int64_t hidden;
 
-  void forward_row(const Step& step, int64_t b, int64_t proj_row0, T* scratch) const {
+  using scalar = T;
+  static constexpr bool kForward = true;
+
+  GATEDRNN_ALWAYS_INLINE void forward_row(const Step& step, int64_t b, int64_t proj_row0, T* scratch) const {
     const int64_t H = hidden, G = 4 * H, row = step.offset + b;
     T* x = input_proj + (row - proj_row0) * proj_stride;
     const T* h = product + b * G;
+    T* pre = scratch;              // [4H]: pre-activations, then the gates
+    T* from_h = pre + G;           // [4H]: the recurrent product's norm
+    T* candidate = from_h + G;     // [H]: c~
+    T* kept_h = candidate + H;     // [H]: the row's zoneout keep values
+    T* kept_c = kept_h + H;        // [H]
+    // x^, h^ and c^ (4H, 4H, H): saved, or scratch
     T* saved = cells ? cells + row * lstm_norm_cells_width(H) : nullptr;
-    T* pre = scratch;            // [4H]: pre-activations, then the gates
-    T* from_h = scratch + G;     // [4H]: the recurrent product's norm
-    T* candidate = from_h + G;   // [H]: c~
+    T* x_hat = saved ? saved + H : kept_c + H;
+    T* h_hat = x_hat + G;
+    T* c_hat = h_hat + G;
     const auto x_stats = norm_stats(x, G), h_stats = norm_stats(h, G);
-    normalise_into(x, G, x_stats, gain, shift, saved ? saved + H : nullptr, pre);
-    normalise_into(h, G, h_stats, gain + G, shift + G, saved ? saved + H + G : nullptr, from_h);
+    normalise_into(x, G, x_stats, gain, shift, x_hat, pre);
+    normalise_into(h, G, h_stats, gain + G, shift + G, h_hat, from_h);
     T* c = c_state + b * H;
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
       T p[4];
-      for (int64_t q = 0; q < 4; ++q) p[q] = pre[q * H + l] + from_h[q * H + l] + (bias ? bias[q * H + l] : T(0));
+      for (int64_t q = 0; q < 4; ++q) p[q] = pre[q * H + l] + from_h[q * H + l] + bias[q * H + l];
       const auto a = lstm_activate(p[0], p[1], p[2], p[3]);
       store_gates(pre, H, l, a.i, a.f, a.g, a.o);
       candidate[l] = lstm_cell_state(a, c[l]);
     }
     const auto c_stats = norm_stats(candidate, H);
+    load_keep(keep_h, row, 0, H, kept_h);
+    load_keep(keep_c, row, 0, H, kept_c);
     const T* h_prev = states.prev_row(step, b);
-    const T* mask = recurrent_mask ? recurrent_mask + b * H : nullptr;
-    T* c_hat = saved ? saved + H + 2 * G : nullptr;
+    T* out = states.output + row * H;
+    T* final_h = h_state + b * H;
+    const T* gain_c = gain + 2 * G;
+    const T* shift_c = shift + 2 * G;
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
       const T v = (candidate[l] - c_stats.mean) * c_stats.rstd;
-      const LstmGates<T> a{pre[l], pre[H + l], pre[2 * H + l], pre[3 * H + l]};
-      const T h_new = zoneout(keep_h.at(row, l), h_prev[l], lstm_hidden(a, gain[2 * G + l] * v + shift[2 * G + l]));
-      const T c_new = zoneout(keep_c.at(row, l), c[l], candidate[l]);
-      c[l] = c_new;
-      states.output[row * H + l] = h_new;
-      h_state[b * H + l] = h_new;
-      if (mask) states.masked_output[row * H + l] = h_new * mask[l];
-      if (saved) {
-        store_gates(x, H, l, a.i, a.f, a.g, a.o);
-        saved[l] = c_new;
-        c_hat[l] = v;
-      }
+      c_hat[l] = v;
+      const T hidden_value = pre[3 * H + l] * tanh_(gain_c[l] * v + shift_c[l]);  // o tanh(LN(c~))
+      const T updated = zoneout(kept_h[l], h_prev[l], hidden_value);
+      out[l] = updated;
+      final_h[l] = updated;
+      c[l] = zoneout(kept_c[l], c[l], candidate[l]);
     }
+    store_masked(out, recurrent_mask ? recurrent_mask + b * H : nullptr, H, states.masked_output + row * H);
     if (saved) {
+      GATEDRNN_IVDEP
+      for (int64_t j = 0; j < G; ++j) x[j] = pre[j];  // the gates, over the projection's row
+      GATEDRNN_IVDEP
+      for (int64_t l = 0; l < H; ++l) saved[l] = c[l];
       T* rstd = saved + lstm_norm_cells_width(H) - 3;
       rstd[0] = x_stats.rstd;
       rstd[1] = h_stats.rstd;
@@ -126,7 +172,10 @@ struct LstmNormGradRows {
   const T* recurrent_mask;  // [B, H] or null
   int64_t hidden;
 
-  void backward_row(const Step& step, int64_t b, T* scratch) const {
+  using scalar = T;
+  static constexpr bool kForward = false;
+
+  GATEDRNN_ALWAYS_INLINE void backward_row(const Step& step, int64_t b, T* scratch) const {
     const int64_t H = hidden, G = 4 * H, row = step.offset + b, width = lstm_norm_cells_width(H);
     const T* a_row = gates + row * G;
     const T* saved = cells + row * width;
@@ -135,30 +184,33 @@ struct LstmNormGradRows {
     const T* c_hat = h_hat + G;
     const T* rstd = saved + width - 3;
     const T* c_prev = b < step.prev_rows ? cells + (step.prev_offset + b) * width : c0 + b * H;
-    const T* mask = recurrent_mask ? recurrent_mask + b * H : nullptr;
-    T* carried = carry + b * H;
     T* dc = dc_state + b * H;
     T* dp = d_pre + row * G;
     T* d_norm = d_cell_norm + row * H;
-    T* d_candidate = scratch;  // [H]
-    T* spare = scratch + H;    // [4H]
+    T* spare = scratch;           // [4H]
+    T* d_candidate = spare + G;   // [H]
+    T* dh = d_candidate + H;      // [H]
+    T* kept = dh + H;             // [H]: the row's keep values of h, then of c
+    load_keep(keep_h, row, 0, H, kept);
+    hidden_grad(product + b * H, recurrent_mask ? recurrent_mask + b * H : nullptr, grad_output + row * H, kept, H,
+                carry + b * H, dh);
+    const T* gain_c = gain + 2 * G;
+    const T* shift_c = shift + 2 * G;
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
-      T dh = (mask ? product[b * H + l] * mask[l] : product[b * H + l]) + grad_output[row * H + l] + carried[l];
-      const T k_h = keep_h.at(row, l);
-      carried[l] = k_h * dh;  // zoneout's kept part goes straight to h_{t-1}
-      dh *= T(1) - k_h;
-      const T o = a_row[3 * H + l], t = tanh_(gain[2 * G + l] * c_hat[l] + shift[2 * G + l]);
-      d_norm[l] = dh * o * (T(1) - t * t);
-      dp[3 * H + l] = dh * t;  // the gradient reaching o, until the gate gradients replace it
+      const T o = a_row[3 * H + l], t = tanh_(gain_c[l] * c_hat[l] + shift_c[l]);
+      d_norm[l] = dh[l] * o * (T(1) - t * t);
+      dp[3 * H + l] = dh[l] * t;  // the gradient reaching o, until the gate gradients replace it
     }
-    norm_grad(d_norm, gain + 2 * G, c_hat, rstd[2], H, spare, d_candidate);
+    norm_grad(d_norm, gain_c, c_hat, rstd[2], H, spare, d_candidate);
+    load_keep(keep_c, row, 0, H, kept);
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
       const LstmGates<T> a{a_row[l], a_row[H + l], a_row[2 * H + l], a_row[3 * H + l]};
-      const T k_c = keep_c.at(row, l);
-      const T d_total = d_candidate[l] + (T(1) - k_c) * dc[l];
+      const T d_total = d_candidate[l] + (T(1) - kept[l]) * dc[l];
       LstmGateGrads<T> d;
       lstm_gate_grads(a, c_prev[l], d_total, dp[3 * H + l], d);
-      dc[l] = d_total * a.f + k_c * dc[l];
+      dc[l] = d_total * a.f + kept[l] * dc[l];
       store_gates(dp, H, l, d.i, d.f, d.g, d.o);
     }
     norm_grad(dp, gain, x_hat, rstd[0], G, spare, d_input_proj + row * G);
@@ -172,8 +224,8 @@ template <typename T>
 struct GruNormRows {
   const T* gain;   // [6H]
   const T* shift;  // [6H]
-  const T* b_ih;   // [3H] or null (then b_hh is null too)
-  const T* b_hh;
+  const T* b_ih;   // [3H] (zeros without biases)
+  const T* b_hh;   // [3H] (zeros without biases)
   RecurrentStates<T> states;
   T* input_proj;  // x W_ih^T of rows from the chunk's first on; with saving, the saved rows (overwritten)
   int64_t proj_stride;
@@ -184,31 +236,39 @@ struct GruNormRows {
   const T* recurrent_mask;  // [B, H] or null
   int64_t hidden;
 
-  void forward_row(const Step& step, int64_t b, int64_t proj_row0, T* scratch) const {
+  using scalar = T;
+  static constexpr bool kForward = true;
+
+  GATEDRNN_ALWAYS_INLINE void forward_row(const Step& step, int64_t b, int64_t proj_row0, T* scratch) const {
     const int64_t H = hidden, G = 3 * H, row = step.offset + b;
     T* x = input_proj + (row - proj_row0) * proj_stride;
     const T* h = product + b * G;
-    T* gi = scratch;
-    T* gh = scratch + G;
+    T* gi = scratch;        // [3H]
+    T* gh = gi + G;         // [3H]
+    T* kept = gh + G;       // [H]
+    T* gates = kept + H;    // [4H]: r, z, n, hn
+    T* x_hat = save ? x + 4 * H : gates + 4 * H;  // saved, or scratch
+    T* h_hat = save ? x + 7 * H : x_hat + G;
     const auto x_stats = norm_stats(x, G), h_stats = norm_stats(h, G);
-    normalise_into(x, G, x_stats, gain, shift, save ? x + 4 * H : nullptr, gi);
-    normalise_into(h, G, h_stats, gain + G, shift + G, save ? x + 7 * H : nullptr, gh);
+    normalise_into(x, G, x_stats, gain, shift, x_hat, gi);
+    normalise_into(h, G, h_stats, gain + G, shift + G, h_hat, gh);
+    load_keep(keep, row, 0, H, kept);
     const T* h_prev = states.prev_row(step, b);
-    const T* mask = recurrent_mask ? recurrent_mask + b * H : nullptr;
+    T* out = states.output + row * H;
+    T* final_h = h_state + b * H;
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
-      T in[3], rec[3];
-      for (int64_t q = 0; q < 3; ++q) {
-        in[q] = gi[q * H + l] + (b_ih ? b_ih[q * H + l] : T(0));
-        rec[q] = gh[q * H + l] + (b_hh ? b_hh[q * H + l] : T(0));
-      }
-      const auto a = gru_activate(in[0], in[1], in[2], rec[0], rec[1], rec[2]);
-      const T h_new = zoneout(keep.at(row, l), h_prev[l], gru_hidden(a, h_prev[l]));
-      states.output[row * H + l] = h_new;
-      h_state[b * H + l] = h_new;
-      if (mask) states.masked_output[row * H + l] = h_new * mask[l];
-      if (save) store_gates(x, H, l, a.r, a.z, a.n, a.hn);
+      const auto a = gru_activate(gi[l] + b_ih[l], gi[H + l] + b_ih[H + l], gi[2 * H + l] + b_ih[2 * H + l],
+                                  gh[l] + b_hh[l], gh[H + l] + b_hh[H + l], gh[2 * H + l] + b_hh[2 * H + l]);
+      const T updated = zoneout(kept[l], h_prev[l], gru_hidden(a, h_prev[l]));
+      out[l] = updated;
+      final_h[l] = updated;
+      store_gates(gates, H, l, a.r, a.z, a.n, a.hn);
     }
+    store_masked(out, recurrent_mask ? recurrent_mask + b * H : nullptr, H, states.masked_output + row * H);
     if (save) {
+      GATEDRNN_IVDEP
+      for (int64_t j = 0; j < 4 * H; ++j) x[j] = gates[j];  // over the projection's row
       x[10 * H] = x_stats.rstd;
       x[10 * H + 1] = h_stats.rstd;
     }
@@ -230,21 +290,28 @@ struct GruNormGradRows {
   const T* recurrent_mask;  // [B, H] or null
   int64_t hidden;
 
-  void backward_row(const Step& step, int64_t b, T* scratch) const {
+  using scalar = T;
+  static constexpr bool kForward = false;
+
+  GATEDRNN_ALWAYS_INLINE void backward_row(const Step& step, int64_t b, T* scratch) const {
     const int64_t H = hidden, G = 3 * H, row = step.offset + b;
     const T* sv = saved + row * gru_norm_saved_width(H);
     const T* h_prev = states.prev_row(step, b);
-    const T* mask = recurrent_mask ? recurrent_mask + b * H : nullptr;
     T* carried = carry + b * H;
     T* dg = d_gates + row * 4 * H;
-    T* d_in = scratch;      // [3H]: dr, dz, dn
-    T* d_hid = scratch + G;  // [3H]: dr, dz, dhn
+    T* d_in = scratch;       // [3H]: dr, dz, dn
+    T* d_hid = d_in + G;     // [3H]: dr, dz, dhn
+    T* spare = d_hid + G;    // [3H]
+    T* dh = spare + G;       // [H]
+    T* kept = dh + H;        // [H]
+    load_keep(keep, row, 0, H, kept);
+    hidden_grad(product + b * H, recurrent_mask ? recurrent_mask + b * H : nullptr, grad_output + row * H, kept, H,
+                carried, dh);
+    GATEDRNN_IVDEP
     for (int64_t l = 0; l < H; ++l) {
-      const T dh = (mask ? product[b * H + l] * mask[l] : product[b * H + l]) + grad_output[row * H + l] + carried[l];
-      const T k = keep.at(row, l);
       const GruGates<T> a{sv[l], sv[H + l], sv[2 * H + l], sv[3 * H + l]};
       GruGateGrads<T> di, dhid;
-      carried[l] = gru_backward(a, h_prev[l], (T(1) - k) * dh, di, dhid) + k * dh;
+      carried[l] += gru_backward(a, h_prev[l], dh[l], di, dhid);  // the direct part, dh z
       store_gates(dg, H, l, di.r, di.z, dhid.n, di.n);
       d_in[l] = di.r;
       d_in[H + l] = di.z;
@@ -253,7 +320,6 @@ struct GruNormGradRows {
       d_hid[H + l] = dhid.z;
       d_hid[2 * H + l] = dhid.n;
     }
-    T* spare = d_hid + G;  // [3H]
     norm_grad(d_in, gain, sv + 4 * H, sv[10 * H], G, spare, d_input_proj + row * G);
     norm_grad(d_hid, gain + G, sv + 7 * H, sv[10 * H + 1], G, spare, d_recurrent + row * G);
   }

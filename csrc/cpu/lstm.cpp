@@ -280,16 +280,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto x2d = input.view({s.rows, s.input_size});
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  const int64_t kept_rows = std::max(s.rows, saved_rows);
-  auto gates_kept = save ? at::empty({kept_rows, kGates * s.hidden}, input.options()) : Tensor();
+  auto gates_kept = saved_rows_tensor(save, s.rows, saved_rows, kGates * s.hidden, input.options());
   auto gates = save ? gates_kept.narrow(0, 0, s.rows) : Tensor();
-  if (save) gates_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();  // rows no step writes: deterministic
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
-  auto cells_kept = at::empty({save ? kept_rows : 0, s.hidden}, input.options());
+  auto cells_kept = saved_rows_tensor(save, s.rows, saved_rows, s.hidden, input.options());
   auto cells = save ? cells_kept.narrow(0, 0, s.rows) : at::empty({0}, input.options());
-  if (save) cells_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);
   AT_DISPATCH_FLOATING_TYPES(dtype, "gatedrnn_lstm_forward_cpu", [&] {

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 
@@ -19,7 +20,19 @@ namespace gatedrnn::cpu {
 
 // Gates: an inference call's projection chunk, or a backward's gate gradients. Packed*: weights packed for
 // the tiles (tiles.h), which a call repacks every time (a fresh buffer would be faulted in every time).
-enum class Scratch { Gates, Projection, PreProjection, PackedInput, PackedRecurrent, PackedProjection, kCount };
+// Norm*: the layer_norm backward's gradients reaching its two products and its cell norm (layer_norm.cpp).
+enum class Scratch {
+  Gates,
+  Projection,
+  PreProjection,
+  PackedInput,
+  PackedRecurrent,
+  PackedProjection,
+  NormInputGrads,
+  NormRecurrentGrads,
+  NormCellGrads,
+  kCount
+};
 
 // Bytes all threads' scratch buffers may keep together.
 constexpr int64_t kProcessCap = int64_t(256) << 20;
@@ -60,6 +73,16 @@ inline at::Tensor scratch_tensor(Scratch slot, at::IntArrayRef sizes, const at::
     }
   }
   return at::empty(sizes, options);
+}
+
+// The saved activations of a call: `width` columns and max(rows, saved_rows) rows (padded.h: with lengths
+// they keep T * B rows), the rows no step writes zeroed (deterministic); empty when not saving.
+inline at::Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width,
+                                    const at::TensorOptions& options) {
+  if (!save) return at::empty({0}, options);
+  auto kept = at::empty({std::max(rows, saved_rows), width}, options);
+  kept.narrow(0, rows, kept.size(0) - rows).zero_();
+  return kept;
 }
 
 // What all threads' scratch buffers hold now (for tests: gatedrnn._extension.scratch_bytes()).
