@@ -20,12 +20,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import gatedrnn  # noqa: E402
 
 # (mode, extra constructor arguments) for every CUDA op: LSTM, LSTM with projection, GRU, the reset_after=False
-# GRU (its own kernels); and the variants whose kernel code differs (zoneout and recurrent dropout in the
+# GRU and the layer_norm LSTM and GRU (their own kernels); and the variants whose kernel code differs (zoneout and recurrent dropout in the
 # epilogues, the others around the kernels), which the dense runs feed through lengths= (padded input run as
 # packed).
 VARIANTS = {"zoneout": 0.2, "recurrent_dropout": 0.2, "input_dropout": 0.1, "weight_dropout": 0.2}
 MODULES = [("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {}), ("LSTM", dict(VARIANTS, zoneout_cell=0.2)),
-           ("GRU", VARIANTS), ("GRU", {"reset_after": False}), ("GRU", dict(VARIANTS, reset_after=False))]
+           ("GRU", VARIANTS), ("GRU", {"reset_after": False}), ("GRU", dict(VARIANTS, reset_after=False)),
+           ("LSTM", {"layer_norm": True}), ("GRU", {"layer_norm": True}),
+           ("LSTM", dict(VARIANTS, zoneout_cell=0.2, layer_norm=True)), ("GRU", dict(VARIANTS, layer_norm=True))]
 
 
 def forward_backward(device, mode, kwargs, batch, dtype, steps=5, hidden=40, inputs=7, packed=True):
@@ -60,12 +62,15 @@ def smoke(device):
 
 CASES = [  # (mode, batch, input, hidden, steps): the benchmark's main shape and its B=1 shape
     ("LSTM", 64, 512, 512, 100), ("GRU", 64, 512, 512, 100), ("LSTM", 1, 128, 128, 50), ("GRU", 1, 128, 128, 50),
-    ("GRU reset_after=False", 64, 512, 512, 100)]
-TINY_CASES = [("LSTM", 3, 5, 8, 4), ("GRU", 3, 5, 8, 4), ("GRU reset_after=False", 3, 5, 8, 4)]
+    ("GRU reset_after=False", 64, 512, 512, 100), ("LSTM layer_norm", 64, 512, 512, 100),
+    ("GRU layer_norm", 64, 512, 512, 100)]
+TINY_CASES = [("LSTM", 3, 5, 8, 4), ("GRU", 3, 5, 8, 4), ("GRU reset_after=False", 3, 5, 8, 4),
+              ("LSTM layer_norm", 3, 5, 8, 4), ("GRU layer_norm", 3, 5, 8, 4)]
 # The gates (blocks of H rows of W_hh) each step kernel's product covers: its FLOPs are 2 * B * gates * H * H.
 KERNEL_GATES = {"lstm_forward_step": 4, "lstm_backward_step": 4, "gru_forward_step": 3, "gru_backward_step": 3,
                 "gru_reset_gates_step": 2, "gru_candidate_step": 1, "gru_update_backward_step": 2,
-                "gru_reset_backward_step": 1}
+                "gru_reset_backward_step": 1, "lstm_norm_product_step": 4, "gru_norm_product_step": 3,
+                "lstm_norm_backward_product_step": 4, "gru_norm_backward_product_step": 3}
 
 
 def kernel_times(prof):
@@ -94,6 +99,8 @@ def step_times(path, device, cases):
             for train in (False, True):
                 kind, *options = mode.split()
                 kwargs = {"reset_after": False} if "reset_after=False" in options else {}
+                if "layer_norm" in options:
+                    kwargs["layer_norm"] = True
                 module = getattr(gatedrnn, kind)(inputs, hidden, **kwargs).to(device, dtype)
                 x = torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=train)
 

@@ -5,7 +5,8 @@ architecture, reports registers, shared memory, stack and local memory. Fails (e
 kernel uses a stack frame or local memory (register spills; ptxas -warn-spills -Werror already fails the
 build for spills, this also catches local arrays), or when a kernel is missing for an architecture.
 
-It also reads the SASS (cuobjdump -sass) of every step kernel and checks how it stages operands in shared
+It also reads the SASS (cuobjdump -sass) of every step kernel (the block-tile ones; layer_norm's row kernels
+stage nothing) and checks how it stages operands in shared
 memory (csrc/cuda/step_tile.cuh): between two barriers, no global load may come after a shared-memory
 store. A load issued after a store waits for it, so a staging loop that alternates loads and stores costs
 one L2 round trip per pair instead of one per chunk (the form this replaced had 13 such loads per kernel).
@@ -24,8 +25,12 @@ import shutil
 import subprocess
 import sys
 
+# The step kernels: block tiles (step_tile.cuh), instantiated per dtype and rows per thread.
 KERNELS = ("lstm_forward_step", "lstm_backward_step", "gru_forward_step", "gru_backward_step", "gru_reset_gates_step",
-           "gru_candidate_step", "gru_update_backward_step", "gru_reset_backward_step")
+           "gru_candidate_step", "gru_update_backward_step", "gru_reset_backward_step", "lstm_norm_product_step",
+           "gru_norm_product_step", "lstm_norm_backward_product_step", "gru_norm_backward_product_step")
+# The row kernels (layer_norm.cu: one block per batch row, no tile), instantiated per dtype only.
+ROW_KERNELS = ("lstm_norm_rows", "lstm_norm_grad_rows", "gru_norm_rows", "gru_norm_grad_rows")
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 ROWS_PER_THREAD = (1, 2, 4)
 
@@ -67,9 +72,18 @@ def read_resources(library):
 
 
 def parse_name(name):
-    """('lstm_forward_step', 'float32', 4) from the demangled name of one template instance."""
-    m = re.search(r"(\w+_step)<([^,]+), (\d+)>", name)
-    return m.group(1), DTYPES.get(m.group(2).strip(), m.group(2)), int(m.group(3))
+    """('lstm_forward_step', 'float32', 4) from the demangled name of one template instance; a row kernel's
+    rows per thread is None."""
+    if m := re.search(r"(\w+_step)<([^,]+), (\d+)>", name):
+        return m.group(1), DTYPES.get(m.group(2).strip(), m.group(2)), int(m.group(3))
+    m = re.search(r"(\w+_rows)<([^,>]+)>", name)
+    return m.group(1), DTYPES.get(m.group(2).strip(), m.group(2)), None
+
+
+def expected_instances():
+    """(kernel, dtype, rows per thread) of every kernel instance each architecture must have."""
+    steps = [(k, d, r) for k in KERNELS for d in DTYPES.values() for r in ROWS_PER_THREAD]
+    return steps + [(k, d, None) for k in ROW_KERNELS for d in DTYPES.values()]
 
 
 def check(resources, archs):
@@ -79,11 +93,9 @@ def check(resources, archs):
             problems.append(f"{arch} {name}: STACK {usage.get('STACK')} LOCAL {usage.get('LOCAL')} (spills?)")
     present = {(arch, parse_name(name)) for arch, name, _ in resources}
     for arch in archs:
-        for kernel in KERNELS:
-            for dtype in DTYPES.values():
-                for rpt in ROWS_PER_THREAD:
-                    if (arch, (kernel, dtype, rpt)) not in present:
-                        problems.append(f"{arch}: {kernel}<{dtype}, {rpt}> is missing")
+        for kernel, dtype, rpt in expected_instances():
+            if (arch, (kernel, dtype, rpt)) not in present:
+                problems.append(f"{arch}: {kernel}<{dtype}{'' if rpt is None else f', {rpt}'}> is missing")
     return problems
 
 
@@ -125,13 +137,14 @@ def markdown(resources, archs):
         table[(kernel, dtype)][(arch, rpt)] = usage
     header = ["kernel", "dtype"] + [f"registers {a}" for a in archs] + ["shared memory (bytes)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for kernel in KERNELS:
+    for kernel in KERNELS + ROW_KERNELS:
+        shapes = ROWS_PER_THREAD if kernel in KERNELS else (None,)  # a row kernel: one instance per dtype
         for dtype in DTYPES.values():
             row = table[(kernel, dtype)]
             cells = [f"`{kernel}`", dtype]
             for arch in archs:
-                cells.append(" / ".join(str(row.get((arch, r), {}).get("REG", "?")) for r in ROWS_PER_THREAD))
-            cells.append(" / ".join(str(row.get((archs[0], r), {}).get("SHARED", "?")) for r in ROWS_PER_THREAD))
+                cells.append(" / ".join(str(row.get((arch, r), {}).get("REG", "?")) for r in shapes))
+            cells.append(" / ".join(str(row.get((archs[0], r), {}).get("SHARED", "?")) for r in shapes))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -161,8 +174,9 @@ def main():
     staging = read_staging(library)
     problems += [f"{arch} {name}: {n} global loads after a shared store in one barrier interval"
                  for (arch, name), n in staging.items() if n]
-    if len(staging) != len(resources):
-        problems.append(f"SASS read for {len(staging)} step kernel images, resource usage for {len(resources)}")
+    step_images = sum(1 for _, name, _ in resources if parse_name(name)[2] is not None)
+    if len(staging) != step_images:
+        problems.append(f"SASS read for {len(staging)} step kernel images, resource usage for {step_images}")
     for problem in problems:
         print("PROBLEM:", problem, file=sys.stderr)
     print(f"kernel_resources: {len(resources)} kernel images for {', '.join(archs)}; "

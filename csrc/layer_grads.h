@@ -119,6 +119,25 @@ inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_ga
   return g;
 }
 
+// One norm's part of a layer_norm tensor's gradient (layer_norm.h): its normalised rows x_hat and the gradient
+// d_out reaching its output, [N, n] each (any row strides), for columns [offset, offset + n) of the gradient.
+struct NormGradPart {
+  at::Tensor x_hat, d_out;
+  int64_t offset;
+};
+
+// The layer_norm tensor's gradient [2, columns]: the gains' row sum_rows d_out * x_hat, the biases' sum_rows
+// d_out, through ATen (the CUDA ops'; the CPU's own column loop, layer_norm.cpp, keeps no [N, n] temporary).
+inline at::Tensor norm_param_grads(const std::vector<NormGradPart>& parts, int64_t columns) {
+  auto grad = at::empty({2, columns}, parts.front().x_hat.options());
+  for (const auto& part : parts) {
+    const int64_t n = part.x_hat.size(1);
+    grad[0].narrow(0, part.offset, n).copy_((part.d_out * part.x_hat).sum(0));
+    grad[1].narrow(0, part.offset, n).copy_(part.d_out.sum(0));
+  }
+  return grad;
+}
+
 struct GruGrads {
   at::Tensor input, w_ih, w_hh, b_ih, b_hh;
 };

@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import load
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests" / "cuda_emulation" / name
-           for name in ("library.cpp", "lstm.cpp", "gru.cpp", "gru_reset_before.cpp")]
+           for name in ("library.cpp", "lstm.cpp", "gru.cpp", "gru_reset_before.cpp", "layer_norm.cpp")]
 T, I = 6, 5
 
 _SANITIZER_FLAGS = {

@@ -240,3 +240,97 @@ def test_weights_at_an_odd_offset(emulated):
     for a_list, e_list in zip(actual, expected):
         for a, e in zip(a_list, e_list):
             torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+def _layer_norm(mode, hidden, dtype=torch.float64, seed=7):
+    """A layer_norm argument [2, columns] away from gain 1 and bias 0, so that both matter."""
+    g = torch.Generator().manual_seed(seed)
+    columns = (9 if mode == "LSTM" else 6) * hidden
+    gains = 1 + 0.5 * torch.randn(columns, generator=g, dtype=torch.float64)
+    return torch.stack([gains, 0.5 * torch.randn(columns, generator=g, dtype=torch.float64)]).to(dtype)
+
+
+@pytest.mark.parametrize("batch", [3, 12, 40])
+@pytest.mark.parametrize("packed,reverse,bias", [(False, False, True), (True, True, True), (False, True, False),
+                                                 (True, False, False)], ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_norm(emulated, mode, batch, packed, reverse, bias):
+    """layer_norm (layer_norm.cu: a product launch and a row launch per step, forward and backward) against the
+    CPU ops, float64: every output, saved row and gradient (the norms' included), every rows-per-thread shape,
+    ragged unit tiles and K chunks, packed and reverse schedules."""
+    args = make_args(mode, batch, 40, packed, bias, 0, torch.float64)
+    options = dict(layer_norm=_layer_norm(mode, 40))
+    expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse, **options)
+    actual = run_forward_backward(emulated, mode, args, reverse, **options)
+    for a_list, e_list in zip(actual, expected):
+        for a, e in zip(a_list, e_list):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed", "lengths"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_norm_variants(emulated, mode, layout):
+    """layer_norm with zoneout (both states for the LSTM) and the three dropout masks, both directions."""
+    packed = layout == "packed"
+    args = make_args(mode, 12, 40, packed, True, 0, torch.float64)
+    rows, g = args[0].shape[0] * (1 if packed else args[0].shape[1]), torch.Generator().manual_seed(5)
+    gates = 4 if mode == "LSTM" else 3
+    options = dict(zoneout=torch.empty(rows, 40, dtype=torch.float64).bernoulli_(0.4, generator=g),
+                   weight_hh_mask=(torch.rand(gates * 40, 40, generator=g) > 0.3).double() / 0.7,
+                   recurrent_mask=(torch.rand(12, 40, generator=g) > 0.4).double() / 0.6,
+                   input_mask=(torch.rand(12, args[0].shape[-1], generator=g) > 0.2).double() / 0.8,
+                   layer_norm=_layer_norm(mode, 40))
+    if mode == "LSTM":
+        options["zoneout_cell"] = torch.empty(rows, 40, dtype=torch.float64).bernoulli_(0.3, generator=g)
+    if layout == "lengths":
+        options["lengths"] = torch.tensor([emulated_cuda.T, 2, 5, 1, 3, 4, 6, 2, 1, 5, 3, 6])
+    for reverse in (False, True):
+        expected = run_forward_backward(torch.ops.gatedrnn, mode, args, reverse, **options)
+        actual = run_forward_backward(emulated, mode, args, reverse, **options)
+        for a_list, e_list in zip(actual, expected):
+            for a, e in zip(a_list, e_list):
+                torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 6e-3)],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_norm_low_precision(emulated, mode, dtype, bound):
+    """layer_norm in float32 and on the (emulated) tensor-core path of float16/bfloat16, within the dtype's
+    resolution of the float64 answer: outputs and gradients, relative to each tensor's largest magnitude. The
+    bounds are wider than the plain cells': the CPU ops themselves, computing in float32 from the same bfloat16
+    tensors, are 2.5% off the LSTM's gates here (3.5% here, which also rounds the input projection and h_t to
+    the storage dtype)."""
+    exact_args = make_args(mode, 40, 40, True, True, 0, torch.float64)
+    norm = _layer_norm(mode, 40)
+    exact = run_forward_backward(torch.ops.gatedrnn, mode, exact_args, False, layer_norm=norm)
+    args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in exact_args]
+    actual = run_forward_backward(emulated, mode, args, False, layer_norm=norm.to(dtype))
+    for a_list, e_list in zip(actual, exact):
+        for a, e in zip(a_list, e_list):
+            if e.numel():
+                assert ((a.double() - e).abs().max() / e.abs().max()).item() < bound
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_layer_norm_opcheck(emulated, mode):
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = make_args(mode, 12, 40, True, True, 0, torch.float32)
+    options = dict(layer_norm=_layer_norm(mode, 40, torch.float32))
+    for save in (False, True):
+        forward = emulated.lstm_forward if mode == "LSTM" else emulated.gru_forward
+        torch.library.opcheck(forward, (*args, True, save), options, test_utils=utils)
+    if mode == "LSTM":
+        x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr = args
+        out, hy, cy, gates, cells = emulated.lstm_forward(*args, True, True, **options)
+        torch.library.opcheck(emulated.lstm_backward, (torch.randn_like(out), torch.randn_like(hy),
+                                                       torch.randn_like(cy), x, batch_sizes, h0, c0, w_ih, w_hh,
+                                                       w_hr, out, gates, cells, True, [True, True, True]), options,
+                              test_utils=utils)
+    else:
+        x, batch_sizes, h0, w_ih, w_hh, _, _ = args
+        out, hy, saved = emulated.gru_forward(*args, True, True, **options)
+        torch.library.opcheck(emulated.gru_backward, (torch.randn_like(out), torch.randn_like(hy), x, batch_sizes,
+                                                      h0, w_ih, w_hh, out, saved, True, [True, True, True]), options,
+                              test_utils=utils)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
     reason="ThreadSanitizer race tests run in .ci/sanitize (GATEDRNN_EMULATION_SANITIZER=thread, with gcc's libtsan)")
 
 # Every kernel, both matmul paths (FMA: float64; tensor cores: bfloat16), one and several K chunks, every
-# rows-per-thread shape: the configurations under which each barrier separates some pair of accesses.
+# rows-per-thread shape, and layer_norm's row kernels (their block reductions): the configurations under which
+# each barrier separates some pair of accesses.
 WORKLOAD = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
@@ -41,6 +42,10 @@ for mode, batch, proj, dtype in [("LSTM", 12, 0, torch.float64), ("LSTM", 3, 20,
                                  ("GRU", 3, 0, torch.bfloat16)]:
     args = emulated_cuda.make_args(mode, batch, 40, True, True, proj, dtype)
     emulated_cuda.run_forward_backward(ops, mode, args, False)
+for mode, columns in [("LSTM", 9 * 40), ("GRU", 6 * 40)]:
+    args = emulated_cuda.make_args(mode, 3, 40, True, True, 0, torch.float64)
+    norm = torch.stack([torch.ones(columns, dtype=torch.float64), torch.zeros(columns, dtype=torch.float64)])
+    emulated_cuda.run_forward_backward(ops, mode, args, False, layer_norm=norm)
 print("workload done")
 """
 
@@ -71,7 +76,7 @@ def run_workload(skip_barrier=None):
 
 def test_barrier_sites_are_found():
     sites = barrier_sites()
-    assert len(sites) >= 4 and all(s.startswith("step_tile.cuh:") for s in sites), sites
+    assert len(sites) >= 7 and all(s.startswith(("step_tile.cuh:", "layer_norm.cu:")) for s in sites), sites
 
 
 def test_workload_with_every_barrier_reports_nothing():
@@ -85,5 +90,6 @@ def test_a_removed_barrier_is_reported_as_a_race(site):
     result = run_workload(skip_barrier=site)
     assert result.returncode != 0 and "WARNING: ThreadSanitizer: data race" in result.stderr, (
         f"no race reported with the barrier at {site} removed:\n{result.stderr[-6000:]}")
-    # The race is on the block's shared memory (the GATEDRNN_TILE_STORAGE object), between two of its threads.
-    assert re.search(r"Location is global '[^']*tile_bytes'", result.stderr), result.stderr[-6000:]
+    # The race is on the block's shared memory (the GATEDRNN_TILE_STORAGE object, or a row kernel's reduction
+    # array), between two of its threads.
+    assert re.search(r"Location is global '[^']*(tile_bytes|shared)'", result.stderr), result.stderr[-6000:]

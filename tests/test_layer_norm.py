@@ -352,10 +352,22 @@ def test_a_torch_nn_state_dict_loads_without_the_norms():
     torch.testing.assert_close(module(x)[0], expected, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only: it has no layer_norm kernels yet
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only: the CPU ops are the oracle
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_cuda_refuses_layer_norm_by_name(mode, device):
-    """No silent fallback: CUDA tensors with layer_norm get an error that says so."""
-    module = getattr(gatedrnn, mode)(I, H, layer_norm=True).to(device)
-    with pytest.raises(RuntimeError, match="layer_norm has no kernel for CUDA tensors yet"):
-        module(torch.randn(T, B, I, device=device))
+def test_cuda_matches_the_cpu(mode, device):
+    """The CUDA kernels (csrc/cuda/layer_norm.cu) against the CPU ops, float64: a bidirectional module with
+    padded input and lengths, outputs and every gradient."""
+    torch.manual_seed(12)
+    cpu = getattr(gatedrnn, mode)(I, H, bidirectional=True, layer_norm=True, dtype=torch.float64)
+    _randomise_norms(cpu, 13)
+    gpu = getattr(gatedrnn, mode)(I, H, bidirectional=True, layer_norm=True, dtype=torch.float64).to(device)
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([T, 2, 5, 1])
+    results = []
+    for module, data in ((cpu, x.clone().requires_grad_()), (gpu, x.to(device).requires_grad_())):
+        output = module(data, lengths=lengths)[0]
+        output.pow(2).sum().backward()
+        results.append([output, data.grad, *(p.grad for p in module.parameters())])
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a.cpu(), e, atol=1e-10, rtol=1e-10)

@@ -199,18 +199,11 @@ void norm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   });
 }
 
-// One norm's part of the layer_norm tensor's gradient: its normalised rows x_hat and the gradient d_out reaching
-// its output, [N, n] each with their own row strides, for columns [offset, offset + n) of the gradient.
-struct NormGradPart {
-  Tensor x_hat, d_out;
-  int64_t offset;
-};
-
-// The layer_norm tensor's gradient [2, columns]: the gains' row sum_rows d_out * x_hat, the biases' sum_rows
-// d_out. Parallel over blocks of columns, each column summed over the rows in order, so the result does not
-// depend on the thread count; no [N, n] temporary (a fresh one is faulted in page by page).
+// layer_grads.h's norm_param_grads without its [N, n] temporaries (a fresh one is faulted in page by page on the
+// CPU): parallel over blocks of columns, each column summed over the rows in order, so the result does not
+// depend on the thread count.
 template <typename T>
-void norm_param_grads(const std::vector<NormGradPart>& parts, Tensor& grad) {
+void column_norm_grads(const std::vector<NormGradPart>& parts, Tensor& grad) {
   constexpr int64_t kColumns = 64;
   T* gains = grad.data_ptr<T>();
   T* biases = gains + grad.size(1);
@@ -241,10 +234,10 @@ void norm_param_grads(const std::vector<NormGradPart>& parts, Tensor& grad) {
   }
 }
 
-Tensor norm_param_grads(const std::vector<NormGradPart>& parts, int64_t columns) {
+Tensor column_norm_grads(const std::vector<NormGradPart>& parts, int64_t columns) {
   auto grad = at::empty({2, columns}, parts.front().x_hat.options());
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gatedrnn_norm_param_grads",
-                             [&] { norm_param_grads<scalar_t>(parts, grad); });
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gatedrnn_column_norm_grads",
+                             [&] { column_norm_grads<scalar_t>(parts, grad); });
   return grad;
 }
 
@@ -370,7 +363,7 @@ LstmBackwardResult lstm_norm_backward_cpu(const Tensor& grad_output_, const Tens
   const auto g = product_grads(args, d_input_proj, d_recurrent);
   const auto storage = input_.scalar_type();
   // Both norms' outputs and both biases get d_pre: the input norm's bias gradient is the biases' too.
-  const auto d_norm = norm_param_grads({{cells.narrow(1, H, G), d_pre, 0},
+  const auto d_norm = column_norm_grads({{cells.narrow(1, H, G), d_pre, 0},
                                         {cells.narrow(1, H + G, G), d_pre, G},
                                         {cells.narrow(1, H + 2 * G, H), d_cell_norm, 2 * G}},
                                        lstm_norm_columns(H));
@@ -481,7 +474,7 @@ GruNormBackwardResult gru_norm_backward_cpu(const Tensor& grad_output_, const Te
   const auto g = product_grads(args, d_input_proj, d_recurrent);
   // d_gates is [dr, dz, dhn, dn]: the input side's norm output got [dr, dz, dn], the hidden side's [dr, dz, dhn]
   // (as in gru_layer_grads). The norms' biases add to b_ih and b_hh exactly, so theirs are the same gradients.
-  const auto d_norm = norm_param_grads({{saved.narrow(1, 4 * H, 2 * H), d_gates.narrow(1, 0, 2 * H), 0},
+  const auto d_norm = column_norm_grads({{saved.narrow(1, 4 * H, 2 * H), d_gates.narrow(1, 0, 2 * H), 0},
                                         {saved.narrow(1, 6 * H, H), d_gates.narrow(1, 3 * H, H), 2 * H},
                                         {saved.narrow(1, 7 * H, G), d_gates.narrow(1, 0, G), G}},
                                        gru_norm_columns(H));

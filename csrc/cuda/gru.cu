@@ -24,6 +24,7 @@
 #include "gru_reset_before.h"
 #include "gru_steps.cuh"
 #include "launch.h"
+#include "layer_norm_ops.h"
 #include "platform.h"
 #include "step_tile.cuh"
 
@@ -258,8 +259,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
-  m.impl("gru_forward", &gru_forward_op<gru_forward_cuda>);
-  m.impl("gru_backward", &gru_backward_op<gru_backward_cuda>);
+  m.impl("gru_forward", &gru_forward_op<gru_forward_cuda, gru_norm_forward_cuda>);
+  m.impl("gru_backward", &gru_backward_op<gru_backward_cuda, gru_norm_backward_cuda>);
 }
 
 }  // namespace gatedrnn::cuda

@@ -23,6 +23,7 @@
 #include "../op_entry.h"
 #include "../sequence.h"
 #include "launch.h"
+#include "layer_norm_ops.h"
 #include "platform.h"
 #include "step_tile.cuh"
 
@@ -399,8 +400,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 }  // namespace
 
 TORCH_LIBRARY_IMPL(GATEDRNN_CUDA_LIBRARY, GATEDRNN_CUDA_DISPATCH_KEY, m) {
-  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cuda>);
-  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cuda>);
+  m.impl("lstm_forward", &lstm_forward_op<lstm_forward_cuda, lstm_norm_forward_cuda>);
+  m.impl("lstm_backward", &lstm_backward_op<lstm_backward_cuda, lstm_norm_backward_cuda>);
 }
 
 }  // namespace gatedrnn::cuda
