@@ -1,4 +1,5 @@
 """Measuring one case: same-weight modules, agreement first, interleaved timing, memory, GEMM roofline."""
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -131,9 +132,9 @@ def max_relative_difference(modules, x, leaf, case):
         torch.manual_seed(0)
         with _cudnn_flags(name), torch.set_grad_enabled(case.training):
             output = _output_tensor(module(x))
-            values = [output.detach().float()]
+            values = [output.detach().double()]  # compared in float64, so as not to add rounding of its own
             if case.training:
-                values.append(torch.autograd.grad(output.square().sum(), leaf)[0].float())
+                values.append(torch.autograd.grad(output.square().sum(), leaf)[0].double())
             answers[name] = values
     worst = 0.0
     for values in answers.values():
@@ -188,16 +189,31 @@ def time_interleaved(steps, device, repeats, warmup):
     return {name: Timing(statistics.median(s), min(s)) for name, s in samples.items()}
 
 
+def check_dtype(case):
+    """The dtype a case's implementations are compared in: the case's own, except for a variant (a Python loop
+    against gatedrnn), compared in float64. Both sides compute the same function, but over 100 steps their
+    float32 rounding drifts apart by more than TOLERANCE where the recurrence amplifies it: the layer_norm LSTM
+    at T=100 B=64 I=H=256 is 0.35% (the loop) and 0.14% (gatedrnn) off its float64 answer, while the two agree
+    to 2e-12 in float64."""
+    return torch.float64 if case.variant else case.dtype
+
+
 def measure(case, device, repeats, warmup):
     names = implementations(device, case)
     result = Result(case, device)
     modules = make_modules(case, device, names)
     x, leaf = make_input(case, device)
     if "gatedrnn" in modules:
-        result.max_rel_diff = max_relative_difference(modules, x, leaf, case)
-        if not result.max_rel_diff <= TOLERANCE[case.dtype]:
+        dtype = check_dtype(case)
+        if dtype == case.dtype:
+            result.max_rel_diff = max_relative_difference(modules, x, leaf, case)
+        else:  # dense input (variant cases): copies in the check's dtype
+            wide = {name: copy.deepcopy(module).to(dtype) for name, module in modules.items()}
+            wide_x = x.detach().to(dtype).requires_grad_(case.training)
+            result.max_rel_diff = max_relative_difference(wide, wide_x, wide_x, case)
+        if not result.max_rel_diff <= TOLERANCE[dtype]:
             result.error = (f"an implementation disagrees with torch.nn: max |diff| / max |output| = "
-                            f"{result.max_rel_diff:.3g} > {TOLERANCE[case.dtype]:g}; not timed")
+                            f"{result.max_rel_diff:.3g} > {TOLERANCE[dtype]:g} ({str(dtype)[6:]}); not timed")
             return result
     steps = {name: make_step(case, name, module, x, leaf) for name, module in modules.items()}
     if case.training:
