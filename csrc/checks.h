@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "cells.h"
+#include "layer_norm.h"
 
 namespace gatedrnn {
 
@@ -233,6 +234,66 @@ inline void check_layer_norm(const char* op, const at::Tensor& input, const at::
   TORCH_CHECK(layer_norm.dim() == 2 && layer_norm.size(0) == 2 && layer_norm.size(1) == columns, op,
               ": expected layer_norm of size [2, ", columns, "] (the norms' gains, then their biases), but got ",
               layer_norm.sizes());
+}
+
+// The layer_norm ops' entry checks, CPU and CUDA alike: the plain cell's (without a projection), zoneout's, the
+// recurrent mask's and the layer_norm tensor's.
+inline LayerShape check_lstm_norm_forward(const char* op, const at::Tensor& input,
+                                          const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
+                                          const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                          const std::optional<at::Tensor>& zoneout,
+                                          const std::optional<at::Tensor>& zoneout_cell,
+                                          const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& layer_norm) {
+  const LayerShape s = check_lstm_forward_args(op, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  check_lstm_zoneout(op, input, s, std::nullopt, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);
+  check_layer_norm(op, input, layer_norm, lstm_norm_columns(s.hidden));
+  return s;
+}
+
+inline LayerShape check_lstm_norm_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& layer_norm) {
+  const int64_t width = lstm_norm_cells_width(w_hh.dim() == 2 ? w_hh.size(1) : 0);
+  const LayerShape s = check_lstm_backward_args(op, grad_output, grad_hy, grad_cy, input, batch_sizes, hx, cx, w_ih,
+                                                w_hh, std::nullopt, output, gates, cells, width);
+  check_lstm_zoneout(op, input, s, std::nullopt, zoneout, zoneout_cell);
+  check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);
+  check_layer_norm(op, input, layer_norm, lstm_norm_columns(s.hidden));
+  return s;
+}
+
+inline LayerShape check_gru_norm_forward(const char* op, const at::Tensor& input,
+                                         const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                         const std::optional<at::Tensor>& zoneout,
+                                         const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& layer_norm) {
+  const LayerShape s = check_layer_args(op, 3, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  check_zoneout(op, input, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);
+  check_layer_norm(op, input, layer_norm, gru_norm_columns(s.hidden));
+  return s;
+}
+
+inline LayerShape check_gru_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                                          const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                                          const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const at::Tensor& output, const at::Tensor& saved,
+                                          const std::optional<at::Tensor>& zoneout,
+                                          const std::optional<at::Tensor>& recurrent_mask,
+                                          const at::Tensor& layer_norm) {
+  const int64_t width = gru_norm_saved_width(w_hh.dim() == 2 ? w_hh.size(1) : 0);
+  const LayerShape s =
+      check_gru_backward_args(op, grad_output, grad_hy, input, batch_sizes, hx, w_ih, w_hh, output, saved, width);
+  check_zoneout(op, input, zoneout, s.rows, s.hidden, "zoneout");
+  check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);
+  check_layer_norm(op, input, layer_norm, gru_norm_columns(s.hidden));
+  return s;
 }
 
 }  // namespace gatedrnn

@@ -72,16 +72,19 @@ using LstmBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&
 // with the layer_norm tensor in place of weight_hr (the LSTM's; it refuses a projection) or of reset_after
 // (the GRU's; it is the reset_after=True cell), and as backward result the layer_norm tensor's gradient in
 // place of weight_hr's (LSTM) or after the biases' (GRU).
-using LstmNormForward = LstmForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&,
+// (Function types, so that a device declares its implementations with them: GATEDRNN_DECLARE_NORM_IMPLS.)
+using LstmNormForwardFn = LstmForwardResult(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const OptTensor&, const OptTensor&, const at::Tensor&, bool, bool,
+                                            const OptTensor&, const OptTensor&, const OptTensor&, int64_t);
+using LstmNormBackwardFn = LstmBackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const OptTensor&, const at::Tensor&,
                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              const OptTensor&, const OptTensor&, const at::Tensor&, bool, bool,
-                                              const OptTensor&, const OptTensor&, const OptTensor&, int64_t);
-using LstmNormBackward = LstmBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
-                                                const OptTensor&, const OptTensor&);
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
+                                              const OptTensor&, const OptTensor&);
+using LstmNormForward = LstmNormForwardFn*;
+using LstmNormBackward = LstmNormBackwardFn*;
 using GruForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GruForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool,
@@ -91,16 +94,26 @@ using GruBackward = GruBackwardResult (*)(const at::Tensor&, const at::Tensor&, 
                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const at::Tensor&, bool, std::array<bool, 3>, const OptTensor&,
                                           const OptTensor&, bool);
-using GruNormForward = GruForwardResult (*)(const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                            bool, bool, const OptTensor&, const OptTensor&, int64_t, const at::Tensor&);
+using GruNormForwardFn = GruForwardResult(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const OptTensor&, const OptTensor&, bool, bool,
+                                          const OptTensor&, const OptTensor&, int64_t, const at::Tensor&);
 using GruNormBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using GruNormBackward = GruNormBackwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  const OptTensor&, const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                  std::array<bool, 3>, const OptTensor&, const OptTensor&,
-                                                  const at::Tensor&);
+using GruNormBackwardFn = GruNormBackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                std::array<bool, 3>, const OptTensor&, const OptTensor&,
+                                                const at::Tensor&);
+using GruNormForward = GruNormForwardFn*;
+using GruNormBackward = GruNormBackwardFn*;
+
+// Declares a device's layer_norm implementations, {lstm,gru}_norm_{forward,backward}_SUFFIX, in the namespace
+// it is used in (csrc/cpu/layer_norm_ops.h, csrc/cuda/layer_norm_ops.h).
+#define GATEDRNN_DECLARE_NORM_IMPLS(SUFFIX)           \
+  ::gatedrnn::LstmNormForwardFn lstm_norm_forward_##SUFFIX;   \
+  ::gatedrnn::LstmNormBackwardFn lstm_norm_backward_##SUFFIX; \
+  ::gatedrnn::GruNormForwardFn gru_norm_forward_##SUFFIX;     \
+  ::gatedrnn::GruNormBackwardFn gru_norm_backward_##SUFFIX;
 using LstmOpBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

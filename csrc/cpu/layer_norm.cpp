@@ -251,11 +251,8 @@ LstmForwardResult lstm_norm_forward_cpu(const Tensor& input_, const OptTensor& b
                                         const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_,
                                         int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
-  const LayerShape s =
-      check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
-  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const LayerShape s = check_lstm_norm_forward(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, zoneout,
+                                               zoneout_cell, recurrent_mask_, layer_norm_);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const int64_t H = s.hidden;
   const auto dtype = compute_dtype(input_.scalar_type());
@@ -307,12 +304,10 @@ LstmBackwardResult lstm_norm_backward_cpu(const Tensor& grad_output_, const Tens
                                           std::array<bool, 3> output_mask, const OptTensor& zoneout,
                                           const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::lstm_backward";
-  const int64_t width = lstm_norm_cells_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
-  const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
-                                                w_ih_, w_hh_, std::nullopt, output_, gates_, cells_, width);
-  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const LayerShape s = check_lstm_norm_backward(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
+                                                w_ih_, w_hh_, output_, gates_, cells_, zoneout, zoneout_cell,
+                                                recurrent_mask_, layer_norm_);
+  const int64_t width = lstm_norm_cells_width(s.hidden);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const int64_t H = s.hidden, G = 4 * H;
   const auto dtype = compute_dtype(input_.scalar_type());
@@ -378,10 +373,8 @@ GruForwardResult gru_norm_forward_cpu(const Tensor& input_, const OptTensor& bat
                                       const OptTensor& recurrent_mask_, int64_t saved_rows,
                                       const Tensor& layer_norm_) {
   constexpr const char* op = "gatedrnn::gru_forward";
-  const LayerShape s = check_layer_args(op, 3, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
-  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const LayerShape s = check_gru_norm_forward(op, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, zoneout,
+                                              recurrent_mask_, layer_norm_);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const int64_t H = s.hidden;
   const auto dtype = compute_dtype(input_.scalar_type());
@@ -428,12 +421,9 @@ GruNormBackwardResult gru_norm_backward_cpu(const Tensor& grad_output_, const Te
                                             bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout,
                                             const OptTensor& recurrent_mask_, const Tensor& layer_norm_) {
   constexpr const char* op = "gatedrnn::gru_backward";
-  const int64_t width = gru_norm_saved_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
-  const LayerShape s = check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_,
-                                               output_, saved_, width);
-  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const LayerShape s = check_gru_norm_backward(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_,
+                                               output_, saved_, zoneout, recurrent_mask_, layer_norm_);
+  const int64_t width = gru_norm_saved_width(s.hidden);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   const int64_t H = s.hidden, G = 3 * H;
   const auto dtype = compute_dtype(input_.scalar_type());

@@ -61,11 +61,7 @@ template <typename scalar_t, int RPT>
 __device__ __forceinline__ void later_gradient_product(TileStorage<scalar_t, 1, RPT>& tile,
                                                        const GruBackwardStep<scalar_t>& p, int64_t K,
                                                        at::opmath_type<scalar_t> (&acc)[1][RPT]) {
-  const int64_t H = p.hidden;
-  const auto a_rows = tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * 4 * H; });
-  if (int64_t(blockIdx.x) * TileStorage<scalar_t, 1, RPT>::kRows < p.later_rows) {  // uniform across the block
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * K * kTileUnits, a_rows, K, acc);
-  }
+  later_rows_product(tile, p.w_tiles, p.later_grads, p.later_rows, 4 * p.hidden, K, acc);
 }
 
 }  // namespace gatedrnn::cuda

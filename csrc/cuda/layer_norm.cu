@@ -105,11 +105,8 @@ template <typename scalar_t, int RPT>
 __device__ __forceinline__ void store_later_product(TileStorage<scalar_t, 1, RPT>& tile,
                                                     const NormBackwardProductStep<scalar_t>& p, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto a_rows = tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * K; });
   acc_t acc[1][RPT] = {};
-  if (int64_t(blockIdx.x) * TileStorage<scalar_t, 1, RPT>::kRows < p.later_rows) {  // uniform across the block
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * K * kTileUnits, a_rows, K, acc);
-  }
+  later_rows_product(tile, p.w_tiles, p.later_grads, p.later_rows, K, K, acc);
   const int64_t j = tile_unit();
   if (j >= p.hidden) return;
   for_each_thread_row<RPT>(p.rows, [&](int i, int64_t b) { p.product[b * p.hidden + j] = acc[0][i]; });
@@ -529,6 +526,35 @@ Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t wi
   return kept;
 }
 
+// The forward time loop of either cell: per step the product launch, then the row launch.
+template <typename scalar_t, typename ChooseProduct, typename Rows>
+void forward_steps(const std::vector<Step>& schedule, int64_t hidden, NormProductStep<scalar_t> products,
+                   const ChooseProduct& product_kernel, Rows rows, void (*row_kernel)(Rows)) {
+  for (const Step& step : schedule) {
+    products.step = rows.step = step;
+    launch_step(step.rows, hidden, product_kernel, products);
+    launch_rows(step.rows, row_kernel, rows);
+  }
+}
+
+// The backward time loop of either cell, in reverse: per step the product of the next step's d_recurrent rows
+// (G*H wide) with W_hh, then the row launch.
+template <typename scalar_t, typename ChooseProduct, typename Rows>
+void backward_steps(const std::vector<Step>& schedule, int64_t hidden, int64_t gates, const Tensor& d_recurrent,
+                    NormBackwardProductStep<scalar_t> later, const ChooseProduct& product_kernel, Rows rows,
+                    void (*row_kernel)(Rows)) {
+  for (size_t k = schedule.size(); k-- > 0;) {
+    const Step& step = schedule[k];
+    const LaterStep next = later_step(schedule, k);
+    later.later_grads = d_recurrent.const_data_ptr<scalar_t>() + next.offset * gates * hidden;
+    later.later_rows = next.rows;
+    later.rows = step.rows;
+    rows.step = step;
+    launch_step(step.rows, hidden, product_kernel, later);
+    launch_rows(step.rows, row_kernel, rows);
+  }
+}
+
 // The masked copies the forward products read with recurrent dropout (undefined without).
 std::array<Tensor, 2> masked_states(const Tensor& output2d, const Tensor& h0, const OptTensor& recurrent_mask) {
   if (!recurrent_mask) return {};
@@ -545,11 +571,8 @@ LstmForwardResult lstm_norm_forward_cuda(const Tensor& input_, const OptTensor& 
                                          const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_,
                                          int64_t saved_rows) {
   constexpr const char* op = "gatedrnn::lstm_forward";
-  const LayerShape s =
-      check_lstm_forward_args(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
-  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const LayerShape s = check_lstm_norm_forward(op, input_, batch_sizes, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, zoneout,
+                                               zoneout_cell, recurrent_mask_, layer_norm_);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
@@ -594,11 +617,7 @@ LstmForwardResult lstm_norm_forward_cuda(const Tensor& input_, const OptTensor& 
                                    zoneout_keep<acc_t>(zoneout_cell),
                                    H,
                                    Step{}};
-    for (const Step& step : schedule) {
-      products.step = rows.step = step;
-      launch_step(step.rows, H, lstm_norm_product_step_instance<scalar_t>, products);
-      launch_rows(step.rows, lstm_norm_rows<scalar_t>, rows);
-    }
+    forward_steps(schedule, H, products, lstm_norm_product_step_instance<scalar_t>, rows, lstm_norm_rows<scalar_t>);
   });
   auto output_shape = input_.sizes().vec();
   output_shape.back() = H;
@@ -613,12 +632,10 @@ LstmBackwardResult lstm_norm_backward_cuda(const Tensor& grad_output_, const Ten
                                            bool reverse, std::array<bool, 3> output_mask, const OptTensor& zoneout,
                                            const OptTensor& zoneout_cell, const OptTensor& recurrent_mask_) {
   constexpr const char* op = "gatedrnn::lstm_backward";
-  const int64_t width = lstm_norm_cells_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
-  const LayerShape s = check_lstm_backward_args(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
-                                                w_ih_, w_hh_, std::nullopt, output_, gates_, cells_, width);
-  check_lstm_zoneout(op, input_, s, std::nullopt, zoneout, zoneout_cell);
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, lstm_norm_columns(s.hidden));
+  const LayerShape s = check_lstm_norm_backward(op, grad_output_, grad_hy_, grad_cy_, input_, batch_sizes, hx_, cx_,
+                                                w_ih_, w_hh_, output_, gates_, cells_, zoneout, zoneout_cell,
+                                                recurrent_mask_, layer_norm_);
+  const int64_t width = lstm_norm_cells_width(s.hidden);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
@@ -664,16 +681,8 @@ LstmBackwardResult lstm_norm_backward_cuda(const Tensor& grad_output_, const Ten
                                        data_or_null<acc_t>(recurrent_mask),
                                        H,
                                        Step{}};
-    for (size_t k = schedule.size(); k-- > 0;) {
-      const Step& step = schedule[k];
-      const LaterStep next = later_step(schedule, k);
-      later.later_grads = d_recurrent.const_data_ptr<scalar_t>() + next.offset * G;
-      later.later_rows = next.rows;
-      later.rows = step.rows;
-      rows.step = step;
-      launch_step(step.rows, H, lstm_norm_backward_product_step_instance<scalar_t>, later);
-      launch_rows(step.rows, lstm_norm_grad_rows<scalar_t>, rows);
-    }
+    backward_steps(schedule, H, 4, d_recurrent, later, lstm_norm_backward_product_step_instance<scalar_t>, rows,
+                   lstm_norm_grad_rows<scalar_t>);
   });
   // The carry holds each row's zoneout part of dh0 (zero without zoneout); h0 reaches the rows' first steps
   // through W_hh.
@@ -699,10 +708,8 @@ GruForwardResult gru_norm_forward_cuda(const Tensor& input_, const OptTensor& ba
                                        const OptTensor& recurrent_mask_, int64_t saved_rows,
                                        const Tensor& layer_norm_) {
   constexpr const char* op = "gatedrnn::gru_forward";
-  const LayerShape s = check_layer_args(op, 3, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, std::nullopt);
-  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const LayerShape s = check_gru_norm_forward(op, input_, batch_sizes, hx_, w_ih_, w_hh_, b_ih_, b_hh_, zoneout,
+                                              recurrent_mask_, layer_norm_);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
@@ -740,11 +747,7 @@ GruForwardResult gru_norm_forward_cuda(const Tensor& input_, const OptTensor& ba
                                   zoneout_keep<acc_t>(zoneout),
                                   H,
                                   Step{}};
-    for (const Step& step : schedule) {
-      products.step = rows.step = step;
-      launch_step(step.rows, H, gru_norm_product_step_instance<scalar_t>, products);
-      launch_rows(step.rows, gru_norm_rows<scalar_t>, rows);
-    }
+    forward_steps(schedule, H, products, gru_norm_product_step_instance<scalar_t>, rows, gru_norm_rows<scalar_t>);
   });
   auto output_shape = input_.sizes().vec();
   output_shape.back() = H;
@@ -758,12 +761,9 @@ GruNormBackwardResult gru_norm_backward_cuda(const Tensor& grad_output_, const T
                                              const OptTensor& zoneout, const OptTensor& recurrent_mask_,
                                              const Tensor& layer_norm_) {
   constexpr const char* op = "gatedrnn::gru_backward";
-  const int64_t width = gru_norm_saved_width(w_hh_.dim() == 2 ? w_hh_.size(1) : 0);
-  const LayerShape s = check_gru_backward_args(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_,
-                                               output_, saved_, width);
-  check_zoneout(op, input_, zoneout, s.rows, s.hidden, "zoneout");
-  check_recurrent_mask(op, input_, s, std::nullopt, recurrent_mask_);
-  check_layer_norm(op, input_, layer_norm_, gru_norm_columns(s.hidden));
+  const LayerShape s = check_gru_norm_backward(op, grad_output_, grad_hy_, input_, batch_sizes, hx_, w_ih_, w_hh_,
+                                               output_, saved_, zoneout, recurrent_mask_, layer_norm_);
+  const int64_t width = gru_norm_saved_width(s.hidden);
   const auto recurrent_mask = contiguous_or_none(recurrent_mask_);
   check_cuda_layer(op, input_, s.hidden);
   const DeviceGuard guard(input_.device());
@@ -801,16 +801,8 @@ GruNormBackwardResult gru_norm_backward_cuda(const Tensor& grad_output_, const T
                                       data_or_null<acc_t>(recurrent_mask),
                                       H,
                                       Step{}};
-    for (size_t k = schedule.size(); k-- > 0;) {
-      const Step& step = schedule[k];
-      const LaterStep next = later_step(schedule, k);
-      later.later_grads = d_recurrent.const_data_ptr<scalar_t>() + next.offset * G;
-      later.later_rows = next.rows;
-      later.rows = step.rows;
-      rows.step = step;
-      launch_step(step.rows, H, gru_norm_backward_product_step_instance<scalar_t>, later);
-      launch_rows(step.rows, gru_norm_grad_rows<scalar_t>, rows);
-    }
+    backward_steps(schedule, H, 3, d_recurrent, later, gru_norm_backward_product_step_instance<scalar_t>, rows,
+                   gru_norm_grad_rows<scalar_t>);
   });
   add_initial_state_grad(carry, d_recurrent, w_hh, schedule, recurrent_mask);
 

@@ -240,11 +240,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) lstm_backward_step(
   using Storage = TileStorage<scalar_t, 1, RPT>;
   GATEDRNN_TILE_STORAGE(tile, Storage);
   const int64_t H = p.hidden, G = kGates * H;
-  const auto a_rows = tile_rows<scalar_t, RPT>(p.later_rows, [&](int64_t b) { return p.later_grads + b * G; });
   acc_t acc[1][RPT] = {};
-  if (int64_t(blockIdx.x) * Storage::kRows < p.later_rows) {  // uniform across the block
-    tile_matmul(tile, p.w_tiles + int64_t(blockIdx.y) * G * kTileUnits, a_rows, G, acc);
-  }
+  later_rows_product(tile, p.w_tiles, p.later_grads, p.later_rows, G, G, acc);
 
   const int64_t j = tile_unit();
   if (j >= H) return;

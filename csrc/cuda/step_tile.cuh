@@ -276,6 +276,21 @@ __device__ __forceinline__ void tile_matmul(TileStorage<scalar_t, NG, RPT>& s, c
   }
 }
 
+// acc = (the first K columns of the rows of a later step's gradients, `stride` apart: the A row of batch row b <
+// later_rows is later_grads + b * stride) @ w_tiles (backward_weight_tiles, [tiles][K][32]); zeros for this
+// block's rows past later_rows, and nothing is computed when the whole block is past them. The backward step
+// kernels' product: the gradient reaching h_t through the K rows of W_hh that read it. Every thread of the
+// block must call this (it synchronises the block).
+template <typename scalar_t, typename acc_t, int RPT>
+__device__ __forceinline__ void later_rows_product(TileStorage<scalar_t, 1, RPT>& tile, const scalar_t* w_tiles,
+                                                   const scalar_t* later_grads, int64_t later_rows, int64_t stride,
+                                                   int64_t K, acc_t (&acc)[1][RPT]) {
+  const auto a_rows = tile_rows<scalar_t, RPT>(later_rows, [&](int64_t b) { return later_grads + b * stride; });
+  if (int64_t(blockIdx.x) * TileStorage<scalar_t, 1, RPT>::kRows < later_rows) {  // uniform across the block
+    tile_matmul(tile, w_tiles + int64_t(blockIdx.y) * K * kTileUnits, a_rows, K, acc);
+  }
+}
+
 // The hidden unit of this thread.
 __device__ __forceinline__ int64_t tile_unit() { return int64_t(blockIdx.y) * kTileUnits + threadIdx.x; }
 
