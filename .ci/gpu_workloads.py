@@ -20,9 +20,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import gatedrnn  # noqa: E402
 
 # (mode, extra constructor arguments) for every CUDA op: LSTM, LSTM with projection, GRU, the reset_after=False
-# GRU and the layer_norm LSTM and GRU (their own kernels); and the variants whose kernel code differs (zoneout and recurrent dropout in the
-# epilogues, the others around the kernels), which the dense runs feed through lengths= (padded input run as
-# packed).
+# GRU and the layer_norm LSTM and GRU (their own kernels); and the variants whose kernel code differs (zoneout
+# and recurrent dropout in the epilogues, the others around the kernels), which the dense runs feed through
+# lengths= (padded input run as packed).
 VARIANTS = {"zoneout": 0.2, "recurrent_dropout": 0.2, "input_dropout": 0.1, "weight_dropout": 0.2}
 MODULES = [("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {}), ("LSTM", dict(VARIANTS, zoneout_cell=0.2)),
            ("GRU", VARIANTS), ("GRU", {"reset_after": False}), ("GRU", dict(VARIANTS, reset_after=False)),

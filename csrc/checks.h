@@ -244,7 +244,8 @@ inline LayerShape check_lstm_norm_forward(const char* op, const at::Tensor& inpu
                                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                                           const std::optional<at::Tensor>& zoneout,
                                           const std::optional<at::Tensor>& zoneout_cell,
-                                          const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& layer_norm) {
+                                          const std::optional<at::Tensor>& recurrent_mask,
+                                          const at::Tensor& layer_norm) {
   const LayerShape s = check_lstm_forward_args(op, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   check_lstm_zoneout(op, input, s, std::nullopt, zoneout, zoneout_cell);
   check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);
@@ -272,7 +273,8 @@ inline LayerShape check_gru_norm_forward(const char* op, const at::Tensor& input
                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
                                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                                          const std::optional<at::Tensor>& zoneout,
-                                         const std::optional<at::Tensor>& recurrent_mask, const at::Tensor& layer_norm) {
+                                         const std::optional<at::Tensor>& recurrent_mask,
+                                         const at::Tensor& layer_norm) {
   const LayerShape s = check_layer_args(op, 3, input, batch_sizes, hx, w_ih, w_hh, b_ih, b_hh, std::nullopt);
   check_zoneout(op, input, zoneout, s.rows, s.hidden, "zoneout");
   check_recurrent_mask(op, input, s, std::nullopt, recurrent_mask);

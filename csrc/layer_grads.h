@@ -106,6 +106,21 @@ inline ProductGrads product_grads(const LayerGradArgs& a, const at::Tensor& d_in
   return g;
 }
 
+// product_grads of a layer_norm backward (CPU and CUDA): from the forward's tensors in the dtype the loop ran in
+// (x2d [N, I], output2d [N, H], h0 [B, H]); `input` is the op's input, whose shape and dtype the gradients get.
+// dW_hh is taken from the states as the product read them (times recurrent dropout's mask).
+inline ProductGrads norm_product_grads(const at::Tensor& x2d, const at::Tensor& w_ih, const at::Tensor& output2d,
+                                       const at::Tensor& h0, const std::optional<at::Tensor>& recurrent_mask,
+                                       const std::optional<at::Tensor>& batch_sizes, const std::vector<Step>& schedule,
+                                       bool reverse, std::array<bool, 3> output_mask, const at::Tensor& input,
+                                       const at::Tensor& d_input_proj, const at::Tensor& d_recurrent,
+                                       Matmul matmul = aten_matmul) {
+  const auto [h_read, h0_read] = states_as_read(output2d, h0, recurrent_mask, batch_sizes);
+  const LayerGradArgs args{x2d,     w_ih,        h_read,       h0_read,         schedule, !batch_sizes.has_value(),
+                           reverse, output_mask, input.sizes(), input.options(), matmul};
+  return product_grads(args, d_input_proj, d_recurrent);
+}
+
 // d_gates: [N, 4H] pre-activation gradients (i, f, g, o). With a projection, d_proj [N, R] is the gradient
 // reaching each projected output and pre_proj [N, H] the hidden values before the projection.
 inline LstmGrads lstm_layer_grads(const LayerGradArgs& a, const at::Tensor& d_gates, const at::Tensor& d_proj,
@@ -136,6 +151,24 @@ inline at::Tensor norm_param_grads(const std::vector<NormGradPart>& parts, int64
     grad[1].narrow(0, part.offset, n).copy_(part.d_out.sum(0));
   }
   return grad;
+}
+
+// The parts of the layer_norm LSTM's gradient, from its saved `cells` rows (layer_norm.h's layout), d_pre (the
+// pre-activation gradients, which both product norms' outputs get) and d_cell_norm (the cell norm's output's).
+inline std::vector<NormGradPart> lstm_norm_grad_parts(const at::Tensor& cells, const at::Tensor& d_pre,
+                                                      const at::Tensor& d_cell_norm) {
+  const int64_t H = d_cell_norm.size(1), G = 4 * H;
+  return {{cells.narrow(1, H, G), d_pre, 0}, {cells.narrow(1, H + G, G), d_pre, G},
+          {cells.narrow(1, H + 2 * G, H), d_cell_norm, 2 * G}};
+}
+
+// The parts of the layer_norm GRU's gradient, from its `saved` rows and d_gates [dr, dz, dhn, dn]: the input
+// norm's output got [dr, dz, dn], the recurrent one's [dr, dz, dhn] (as in gru_layer_grads).
+inline std::vector<NormGradPart> gru_norm_grad_parts(const at::Tensor& saved, const at::Tensor& d_gates) {
+  const int64_t H = d_gates.size(1) / 4, G = 3 * H;
+  return {{saved.narrow(1, 4 * H, 2 * H), d_gates.narrow(1, 0, 2 * H), 0},
+          {saved.narrow(1, 6 * H, H), d_gates.narrow(1, 3 * H, H), 2 * H},
+          {saved.narrow(1, 7 * H, G), d_gates.narrow(1, 0, G), G}};
 }
 
 struct GruGrads {

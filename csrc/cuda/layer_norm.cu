@@ -688,16 +688,13 @@ LstmBackwardResult lstm_norm_backward_cuda(const Tensor& grad_output_, const Ten
   // through W_hh.
   add_initial_state_grad(carry, d_recurrent, w_hh, schedule, recurrent_mask);
 
-  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
-  const LayerGradArgs args{input.view({s.rows, s.input_size}), w_ih, h_read, h0_read, schedule,
-                           !batch_sizes.has_value(), reverse, output_mask, input_.sizes(), input_.options()};
-  const auto g = product_grads(args, d_input_proj, d_recurrent);
+  const auto x2d = input.view({s.rows, s.input_size});
+  const auto g = norm_product_grads(x2d, w_ih, output2d, hx, recurrent_mask, batch_sizes, schedule, reverse,
+                                    output_mask, input_, d_input_proj, d_recurrent);
   // Both norms' outputs and both biases get d_pre: the input norm's bias gradient is the biases' too.
-  const auto d_norm = norm_param_grads({{cells.narrow(1, H, G), d_pre, 0},
-                                        {cells.narrow(1, H + G, G), d_pre, G},
-                                        {cells.narrow(1, H + 2 * G, H), d_cell_norm, 2 * G}},
-                                       lstm_norm_columns(H));
-  const auto d_bias = output_mask[2] ? d_norm[1].narrow(0, 0, G).to(dtype, false, true) : no_grad_tensor(args);
+  const auto d_norm = norm_param_grads(lstm_norm_grad_parts(cells, d_pre, d_cell_norm), lstm_norm_columns(H));
+  const auto d_bias =
+      output_mask[2] ? d_norm[1].narrow(0, 0, G).to(dtype, false, true) : at::empty({0}, input_.options());
   return {g.input, carry.to(dtype), dc_state.to(dtype), g.w_ih, g.w_hh, d_bias, d_norm.to(dtype)};
 }
 
@@ -806,22 +803,18 @@ GruNormBackwardResult gru_norm_backward_cuda(const Tensor& grad_output_, const T
   });
   add_initial_state_grad(carry, d_recurrent, w_hh, schedule, recurrent_mask);
 
-  const auto [h_read, h0_read] = states_as_read(output2d, hx, recurrent_mask, batch_sizes);
-  const LayerGradArgs args{input.view({s.rows, s.input_size}), w_ih, h_read, h0_read, schedule,
-                           !batch_sizes.has_value(), reverse, output_mask, input_.sizes(), input_.options()};
-  const auto g = product_grads(args, d_input_proj, d_recurrent);
-  // d_gates is [dr, dz, dhn, dn]: the input side's norm output got [dr, dz, dn], the hidden side's [dr, dz, dhn].
-  const auto d_norm = norm_param_grads({{saved.narrow(1, 4 * H, 2 * H), d_gates.narrow(1, 0, 2 * H), 0},
-                                        {saved.narrow(1, 6 * H, H), d_gates.narrow(1, 3 * H, H), 2 * H},
-                                        {saved.narrow(1, 7 * H, G), d_gates.narrow(1, 0, G), G}},
-                                       gru_norm_columns(H));
+  const auto x2d = input.view({s.rows, s.input_size});
+  const auto g = norm_product_grads(x2d, w_ih, output2d, hx, recurrent_mask, batch_sizes, schedule, reverse,
+                                    output_mask, input_, d_input_proj, d_recurrent);
+  // The norms' biases add to b_ih and b_hh exactly, so theirs are the same gradients.
+  const auto d_norm = norm_param_grads(gru_norm_grad_parts(saved, d_gates), gru_norm_columns(H));
   const bool want_bias = output_mask[2];
   return {g.input,
           carry.to(dtype),
           g.w_ih,
           g.w_hh,
-          want_bias ? d_norm[1].narrow(0, 0, G).to(dtype, false, true) : no_grad_tensor(args),
-          want_bias ? d_norm[1].narrow(0, G, G).to(dtype, false, true) : no_grad_tensor(args),
+          want_bias ? d_norm[1].narrow(0, 0, G).to(dtype, false, true) : at::empty({0}, input_.options()),
+          want_bias ? d_norm[1].narrow(0, G, G).to(dtype, false, true) : at::empty({0}, input_.options()),
           d_norm.to(dtype)};
 }
 
