@@ -15,6 +15,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "padded.h"
 
@@ -117,16 +118,22 @@ using GruNormBackward = GruNormBackwardFn*;
 using LstmOpBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Whether an op template was given a device's layer_norm implementation (NormImpl, a function pointer) or
+// none (nullptr). A type test, not `NormImpl != nullptr`: with the sanitizers GCC does not take an external
+// function's address for a constant, so that comparison is no constant expression there.
+template <auto NormImpl>
+constexpr bool kHasNormImpl = !std::is_same_v<decltype(NormImpl), std::nullptr_t>;
+
 // Refuses layer_norm where the device has no implementation of it, and what no implementation supports.
-template <bool kHasNormImpl>
+template <bool kHasImpl>
 inline void check_layer_norm_runs(const char* op, const at::Tensor& input, const OptTensor& w_hr, bool reset_after) {
-  TORCH_CHECK(kHasNormImpl, op, ": layer_norm has no kernel for ", input.device().type(),
+  TORCH_CHECK(kHasImpl, op, ": layer_norm has no kernel for ", input.device().type(),
               " tensors yet; run the layer on the CPU");
   TORCH_CHECK(!w_hr.has_value(), op, ": layer_norm does not support a projection (weight_hr, proj_size > 0)");
   TORCH_CHECK(reset_after, op, ": layer_norm does not support reset_after=False");
 }
 
-template <LstmForward Impl, LstmNormForward NormImpl = nullptr>
+template <LstmForward Impl, auto NormImpl = nullptr>
 LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                   const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
@@ -135,11 +142,12 @@ LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batc
                                   const OptTensor& recurrent_mask, const OptTensor& input_mask,
                                   const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::lstm_forward";
-  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, w_hr, true);
+  static_assert(!kHasNormImpl<NormImpl> || std::is_same_v<decltype(NormImpl), LstmNormForward>);
+  if (layer_norm) check_layer_norm_runs<kHasNormImpl<NormImpl>>(op, input, w_hr, true);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   const auto run = [&](const at::Tensor& x, const OptTensor& sizes, const at::Tensor& h, const at::Tensor& c,
                        const OptTensor& keep_h, const OptTensor& keep_c, const OptTensor& mask, int64_t saved_rows) {
-    if constexpr (NormImpl != nullptr) {
+    if constexpr (kHasNormImpl<NormImpl>) {
       if (layer_norm) {
         return NormImpl(x, sizes, h, c, w_ih, w_hh_run, b_ih, b_hh, *layer_norm, reverse, save, keep_h, keep_c, mask,
                         saved_rows);
@@ -158,7 +166,7 @@ LstmForwardResult lstm_forward_op(const at::Tensor& input, const OptTensor& batc
   return {scatter_padded(p, output), to_padded_order(p, hy), to_padded_order(p, cy), gates, cells};
 }
 
-template <LstmBackward Impl, LstmNormBackward NormImpl = nullptr>
+template <LstmBackward Impl, auto NormImpl = nullptr>
 LstmOpBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                                       const at::Tensor& grad_cy, const at::Tensor& input, const OptTensor& batch_sizes,
                                       const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
@@ -169,14 +177,15 @@ LstmOpBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::T
                                       const OptTensor& weight_hh_mask, const OptTensor& recurrent_mask,
                                       const OptTensor& input_mask, const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::lstm_backward";
-  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, w_hr, true);
+  static_assert(!kHasNormImpl<NormImpl> || std::is_same_v<decltype(NormImpl), LstmNormBackward>);
+  if (layer_norm) check_layer_norm_runs<kHasNormImpl<NormImpl>>(op, input, w_hr, true);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   // The implementation's gradients, the layer_norm tensor's last (empty without it).
   const auto run = [&](const at::Tensor& d_out, const at::Tensor& d_hy, const at::Tensor& d_cy, const at::Tensor& x,
                        const OptTensor& sizes, const at::Tensor& h, const at::Tensor& c, const at::Tensor& out,
                        const at::Tensor& saved_gates, const at::Tensor& saved_cells, const OptTensor& keep_h,
                        const OptTensor& keep_c, const OptTensor& mask) -> LstmOpBackwardResult {
-    if constexpr (NormImpl != nullptr) {
+    if constexpr (kHasNormImpl<NormImpl>) {
       if (layer_norm) {
         auto [d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_norm] =
             NormImpl(d_out, d_hy, d_cy, x, sizes, h, c, w_ih, w_hh_run, *layer_norm, out, saved_gates, saved_cells,
@@ -209,7 +218,7 @@ LstmOpBackwardResult lstm_backward_op(const at::Tensor& grad_output, const at::T
           to_padded_order(p, d_cx), d_w_ih, undropped_grad(d_w_hh, weight_hh_mask), d_bias, d_w_hr, d_norm};
 }
 
-template <GruForward Impl, GruNormForward NormImpl = nullptr>
+template <GruForward Impl, auto NormImpl = nullptr>
 GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                                 const OptTensor& b_hh, bool reverse, bool save, const OptTensor& lengths,
@@ -217,11 +226,12 @@ GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_
                                 const OptTensor& recurrent_mask, const OptTensor& input_mask, bool reset_after,
                                 const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::gru_forward";
-  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, std::nullopt, reset_after);
+  static_assert(!kHasNormImpl<NormImpl> || std::is_same_v<decltype(NormImpl), GruNormForward>);
+  if (layer_norm) check_layer_norm_runs<kHasNormImpl<NormImpl>>(op, input, std::nullopt, reset_after);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   const auto run = [&](const at::Tensor& x, const OptTensor& sizes, const at::Tensor& h, const OptTensor& keep,
                        const OptTensor& mask, int64_t saved_rows) {
-    if constexpr (NormImpl != nullptr) {
+    if constexpr (kHasNormImpl<NormImpl>) {
       if (layer_norm) {
         return NormImpl(x, sizes, h, w_ih, w_hh_run, b_ih, b_hh, reverse, save, keep, mask, saved_rows, *layer_norm);
       }
@@ -237,7 +247,7 @@ GruForwardResult gru_forward_op(const at::Tensor& input, const OptTensor& batch_
   return {scatter_padded(p, output), to_padded_order(p, hy), saved};
 }
 
-template <GruBackward Impl, GruNormBackward NormImpl = nullptr>
+template <GruBackward Impl, auto NormImpl = nullptr>
 GruNormBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                                       const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& hx,
                                       const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
@@ -246,13 +256,14 @@ GruNormBackwardResult gru_backward_op(const at::Tensor& grad_output, const at::T
                                       const OptTensor& weight_hh_mask, const OptTensor& recurrent_mask,
                                       const OptTensor& input_mask, bool reset_after, const OptTensor& layer_norm) {
   constexpr const char* op = "gatedrnn::gru_backward";
-  if (layer_norm) check_layer_norm_runs<NormImpl != nullptr>(op, input, std::nullopt, reset_after);
+  static_assert(!kHasNormImpl<NormImpl> || std::is_same_v<decltype(NormImpl), GruNormBackward>);
+  if (layer_norm) check_layer_norm_runs<kHasNormImpl<NormImpl>>(op, input, std::nullopt, reset_after);
   const auto w_hh_run = dropped_weight(op, w_hh, weight_hh_mask);
   // The implementation's gradients, the layer_norm tensor's last (empty without it).
   const auto run = [&](const at::Tensor& d_out, const at::Tensor& d_hy, const at::Tensor& x, const OptTensor& sizes,
                        const at::Tensor& h, const at::Tensor& out, const at::Tensor& saved_rows,
                        const OptTensor& keep, const OptTensor& mask) -> GruNormBackwardResult {
-    if constexpr (NormImpl != nullptr) {
+    if constexpr (kHasNormImpl<NormImpl>) {
       if (layer_norm) {
         return NormImpl(d_out, d_hy, x, sizes, h, w_ih, w_hh_run, out, saved_rows, reverse, output_mask, keep, mask,
                         *layer_norm);
