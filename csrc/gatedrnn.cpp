@@ -6,6 +6,7 @@
 #include "cpu/counters.h"
 #include "cpu/loops.h"
 #include "cpu/matmul.h"
+#include "cpu/saved_cache.h"
 #include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "schemas.h"
@@ -44,6 +45,15 @@ PyObject* build_info(PyObject*, PyObject*) {
 
 PyObject* scratch_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(gatedrnn::cpu::scratch_bytes()); }
 
+PyObject* saved_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(gatedrnn::cpu::SavedCache::instance().idle_bytes());
+}
+
+PyObject* empty_saved_cache(PyObject*, PyObject*) {
+  gatedrnn::cpu::SavedCache::instance().release_idle();
+  Py_RETURN_NONE;
+}
+
 // {kernel label: calls} of the CPU tile kernels (csrc/cpu/counters.h), summed over dtypes.
 PyObject* kernel_calls(PyObject*, PyObject*) {
   PyObject* calls = PyDict_New();
@@ -66,6 +76,8 @@ PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What the extension was compiled with."},
     {"kernel_calls", kernel_calls, METH_NOARGS, "Calls of each CPU tile kernel so far, by kernel."},
     {"scratch_bytes", scratch_bytes, METH_NOARGS, "Bytes the CPU scratch buffers of all threads hold."},
+    {"saved_cache_bytes", saved_cache_bytes, METH_NOARGS, "Bytes of idle saved-activation buffers the CPU keeps."},
+    {"empty_saved_cache", empty_saved_cache, METH_NOARGS, "Frees the idle saved-activation buffers."},
     {nullptr, nullptr, 0, nullptr},
 };
 

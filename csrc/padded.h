@@ -121,6 +121,24 @@ inline at::Tensor to_padded_order(const PackedPlan& p, const at::Tensor& state) 
   return at::empty_like(state).index_copy_(0, p.order, state);
 }
 
+// How a device allocates saved activations: CUDA's caching allocator reuses memory already; the CPU has
+// its own cache (cpu/saved_cache.h).
+using EmptyFn = at::Tensor (*)(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+inline at::Tensor plain_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+// The saved activations of a call: `width` columns and max(rows, saved_rows) rows (with lengths, T * B rows,
+// the packed ones first), the rows no step writes zeroed (deterministic); empty when not saving.
+inline at::Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width,
+                                    const at::TensorOptions& options, EmptyFn empty = plain_empty) {
+  if (!save) return at::empty({0}, options);
+  auto kept = empty({std::max(rows, saved_rows), width}, options);
+  kept.narrow(0, rows, kept.size(0) - rows).zero_();
+  return kept;
+}
+
 // Saved activations: [T * B, C] from the forward (packed rows first) -> their packed rows [N, C].
 inline at::Tensor packed_saved(const char* op, const PackedPlan& p, const at::Tensor& saved) {
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == p.steps * p.batch, op,

@@ -68,3 +68,15 @@ def scratch_bytes():
     """Bytes that the CPU ops' per-thread scratch buffers hold now, all threads together: at most 256 MiB
     per process (csrc/cpu/workspace.h), whatever the number of threads or the sequence length."""
     return _C.scratch_bytes()
+
+
+def saved_cache_bytes():
+    """Bytes of saved-activation buffers (what a CPU training call keeps for its backward) that died and are
+    kept for the next call instead of being unmapped: at most 256 MiB per process (csrc/cpu/saved_cache.h)."""
+    return _C.saved_cache_bytes()
+
+
+def empty_saved_cache():
+    """Frees the saved-activation buffers that saved_cache_bytes() counts (those in use stay), as
+    torch.cuda.empty_cache() does for CUDA's caching allocator."""
+    _C.empty_saved_cache()

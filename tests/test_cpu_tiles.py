@@ -153,6 +153,7 @@ MEMORY_CHECK = textwrap.dedent(r"""
     for e in ready:
         e.wait()
     scratch = gatedrnn._extension.scratch_bytes() if impl is gatedrnn else 0
+    saved_cache = gatedrnn._extension.saved_cache_bytes() if impl is gatedrnn else 0
     rss = rss_mib() - base
     release.set()
     for t in threads:
@@ -162,7 +163,7 @@ MEMORY_CHECK = textwrap.dedent(r"""
     while after >= 16 * 2**20 and time.time() < deadline:
         time.sleep(0.05)
         after = gatedrnn._extension.scratch_bytes()
-    print(json.dumps({"rss_mib": rss, "scratch": scratch, "scratch_after": after}))
+    print(json.dumps({"rss_mib": rss, "scratch": scratch, "scratch_after": after, "saved_cache": saved_cache}))
 """)
 
 
@@ -175,14 +176,16 @@ def _memory_after_eight_threads(impl):
 def test_scratch_is_capped_per_process_not_per_thread():
     """8 live threads, each of which ran LSTM and GRU inference and training at T=200 B=64 I=H=512 (52 MB of
     gate gradients per backward call): the scratch all of them keep stays within the process cap (256 MiB,
-    where per-thread buffers would hold over 400 MiB), and is returned when the threads exit. Their RSS
-    grows no more than torch.nn's does under the same load plus that cap (glibc's per-thread arenas keep
-    freed memory for both alike)."""
+    where per-thread buffers would hold over 400 MiB), and is returned when the threads exit; the saved
+    buffers their training calls left (saved_cache.h) stay within their own cap of 256 MiB. Their RSS
+    grows no more than torch.nn's does under the same load plus those two caps (glibc's per-thread arenas
+    keep freed memory for both alike)."""
     ours = _memory_after_eight_threads("gatedrnn")
     theirs = _memory_after_eight_threads("torch.nn")
     cap = 256 * 2**20
     assert 0 < ours["scratch"] <= cap
     assert ours["scratch_after"] < 16 * 2**20  # the main thread's: inference chunk and packed weights
+    assert 0 < ours["saved_cache"] <= cap
     assert ours["rss_mib"] <= theirs["rss_mib"] + 256 + 256, (ours, theirs)
 
 

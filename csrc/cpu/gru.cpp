@@ -26,6 +26,7 @@
 #include "gru_reset_before.h"
 #include "layer_norm_ops.h"
 #include "products.h"
+#include "saved_cache.h"
 #include "team.h"
 #include "tiles.h"
 #include "workspace.h"
@@ -198,7 +199,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& input_, const O
   // When saving, the projection is written straight into the saved buffer, whose rows the step's epilogue
   // then overwrites with r, z, n, hn.
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  auto saved_kept = saved_rows_tensor(save, s.rows, saved_rows, kSaved * s.hidden, input.options().dtype(dtype));
+  auto saved_kept =
+      saved_rows_tensor(save, s.rows, saved_rows, kSaved * s.hidden, input.options().dtype(dtype), saved_empty);
   auto saved = save ? saved_kept.narrow(0, 0, s.rows) : Tensor();
   OptTensor bias_input;
   if (b_ih.has_value()) {

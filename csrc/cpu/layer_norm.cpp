@@ -28,6 +28,7 @@
 #include "loops.h"
 #include "matmul.h"
 #include "products.h"
+#include "saved_cache.h"
 #include "team.h"
 #include "tiles.h"
 #include "workspace.h"
@@ -267,8 +268,9 @@ LstmForwardResult lstm_norm_forward_cpu(const Tensor& input_, const OptTensor& b
   // The row pass adds biases unconditionally (a condition would keep its loop from vectorising): zeros without.
   const auto bias = b_ih_.has_value() ? (b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()
                                       : at::zeros({4 * H}, input.options());
-  auto gates = saved_rows_tensor(save, s.rows, saved_rows, 4 * H, input.options());
-  auto cells = saved_rows_tensor(save, s.rows, saved_rows, lstm_norm_cells_width(H), input.options());
+  auto gates = saved_rows_tensor(save, s.rows, saved_rows, 4 * H, input.options(), saved_empty);
+  auto cells =
+      saved_rows_tensor(save, s.rows, saved_rows, lstm_norm_cells_width(H), input.options(), saved_empty);
   auto output2d = at::empty({s.rows, H}, input.options());
   const auto x2d = input.view({s.rows, s.input_size});
 
@@ -384,7 +386,7 @@ GruForwardResult gru_norm_forward_cpu(const Tensor& input_, const OptTensor& bat
   const auto h0 = to_compute(hx_, dtype);
   auto hy = hx_.to(dtype, false, true).contiguous();
   // When saving, the projection is written straight into the saved rows, which the row pass then overwrites.
-  auto saved = saved_rows_tensor(save, s.rows, saved_rows, gru_norm_saved_width(H), input.options());
+  auto saved = saved_rows_tensor(save, s.rows, saved_rows, gru_norm_saved_width(H), input.options(), saved_empty);
   auto output2d = at::empty({s.rows, H}, input.options());
   const auto x2d = input.view({s.rows, s.input_size});
 

@@ -23,6 +23,7 @@
 #include "bf16.h"
 #include "layer_norm_ops.h"
 #include "products.h"
+#include "saved_cache.h"
 #include "team.h"
 #include "tiles.h"
 #include "workspace.h"
@@ -280,12 +281,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(const Tensor
 
   const auto x2d = input.view({s.rows, s.input_size});
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  auto gates_kept = saved_rows_tensor(save, s.rows, saved_rows, kGates * s.hidden, input.options());
+  auto gates_kept = saved_rows_tensor(save, s.rows, saved_rows, kGates * s.hidden, input.options(), saved_empty);
   auto gates = save ? gates_kept.narrow(0, 0, s.rows) : Tensor();
   const OptTensor bias =
       b_ih_.has_value() ? OptTensor((b_ih_->to(dtype) + b_hh_->to(dtype)).contiguous()) : std::nullopt;
   auto output2d = at::empty({s.rows, s.state}, input.options());
-  auto cells_kept = saved_rows_tensor(save, s.rows, saved_rows, s.hidden, input.options());
+  auto cells_kept = saved_rows_tensor(save, s.rows, saved_rows, s.hidden, input.options(), saved_empty);
   auto cells = save ? cells_kept.narrow(0, 0, s.rows) : at::empty({0}, input.options());
 
   const auto schedule = make_schedule(batch_sizes, s.steps, s.batch, reverse);

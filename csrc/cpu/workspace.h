@@ -75,16 +75,6 @@ inline at::Tensor scratch_tensor(Scratch slot, at::IntArrayRef sizes, const at::
   return at::empty(sizes, options);
 }
 
-// The saved activations of a call: `width` columns and max(rows, saved_rows) rows (padded.h: with lengths
-// they keep T * B rows), the rows no step writes zeroed (deterministic); empty when not saving.
-inline at::Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width,
-                                    const at::TensorOptions& options) {
-  if (!save) return at::empty({0}, options);
-  auto kept = at::empty({std::max(rows, saved_rows), width}, options);
-  kept.narrow(0, rows, kept.size(0) - rows).zero_();
-  return kept;
-}
-
 // What all threads' scratch buffers hold now (for tests: gatedrnn._extension.scratch_bytes()).
 inline int64_t scratch_bytes() { return cached_scratch_bytes().load(); }
 

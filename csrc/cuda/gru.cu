@@ -108,9 +108,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
   const int64_t H = s.hidden;
   auto x_proj = at::mm(input.view({s.rows, s.input_size}), w_ih.t());
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  const auto saved_kept = at::empty({save ? std::max(s.rows, saved_rows) : 0, kSaved * H}, acc_options);
-  auto saved = save ? saved_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
-  if (save) saved_kept.narrow(0, s.rows, saved_kept.size(0) - s.rows).zero_();  // rows no step writes: deterministic
+  const auto saved_kept = saved_rows_tensor(save, s.rows, saved_rows, kSaved * H, acc_options);
+  auto saved = save ? saved_kept.narrow(0, 0, s.rows) : saved_kept;
   auto output2d = at::empty({s.rows, H}, input.options());
   auto hy = h0.clone();  // rows are overwritten at every step they are active in
   const auto w_tiles = forward_weight_tiles(w_hh, kGates, H);
@@ -148,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input_, const 
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = H;
-  return {output2d.view(output_shape), hy, save ? saved_kept : saved};
+  return {output2d.view(output_shape), hy, saved_kept};
 }
 
 // ------------------------------------------------------------------------------------------ backward

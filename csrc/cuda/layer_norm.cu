@@ -517,15 +517,6 @@ NormProductStep<scalar_t> product_step(const Tensor& w_tiles, const Tensor& outp
           Step{}};
 }
 
-// The saved activations of a call (acc dtype): max(rows, saved_rows) rows (padded.h), the rows no step writes
-// zeroed; empty when not saving.
-Tensor saved_rows_tensor(bool save, int64_t rows, int64_t saved_rows, int64_t width, const at::TensorOptions& acc) {
-  if (!save) return at::empty({0}, acc);
-  auto kept = at::empty({std::max(rows, saved_rows), width}, acc);
-  kept.narrow(0, rows, kept.size(0) - rows).zero_();
-  return kept;
-}
-
 // The forward time loop of either cell: per step the product launch, then the row launch.
 template <typename scalar_t, typename ChooseProduct, typename Rows>
 void forward_steps(const std::vector<Step>& schedule, int64_t hidden, NormProductStep<scalar_t> products,

@@ -181,15 +181,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
 
   const int64_t G = kGates * s.hidden;
   // saved_rows (padded.h): the saved activations keep that many rows, these rows first.
-  const int64_t kept_rows = save ? std::max(s.rows, saved_rows) : 0;
-  const auto gates_kept = at::empty({kept_rows, G}, acc_options);
-  const auto cells_kept = at::empty({kept_rows, s.hidden}, acc_options);
-  auto gates = save ? gates_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
-  auto cells = save ? cells_kept.narrow(0, 0, s.rows) : at::empty({0}, acc_options);
-  if (save) {  // rows no step writes: deterministic
-    gates_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
-    cells_kept.narrow(0, s.rows, kept_rows - s.rows).zero_();
-  }
+  const auto gates_kept = saved_rows_tensor(save, s.rows, saved_rows, G, acc_options);
+  const auto cells_kept = saved_rows_tensor(save, s.rows, saved_rows, s.hidden, acc_options);
+  auto gates = save ? gates_kept.narrow(0, 0, s.rows) : gates_kept;
+  auto cells = save ? cells_kept.narrow(0, 0, s.rows) : cells_kept;
   // In float32/float64 training the saved activations overwrite the input projection in place.
   auto x_proj = save && dtype == acc_dtype ? gates : at::empty({s.rows, G}, input.options());
   at::mm_out(x_proj, input.view({s.rows, s.input_size}), w_ih.t());
@@ -207,7 +202,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(const Tenso
 
   auto output_shape = input_.sizes().vec();
   output_shape.back() = s.state;
-  if (!save) return {output2d.view(output_shape), hy, c_state.to(dtype), gates, cells};
   return {output2d.view(output_shape), hy, c_state.to(dtype), gates_kept, cells_kept};
 }
 
