@@ -93,9 +93,7 @@ GATEDRNN_ALWAYS_INLINE void run_rows(const Rows& rows, const RowRange<typename R
   void run_row_pass_baseline(const ROWS& rows, const RowRange<ROWS::scalar>& r) { run_rows(rows, r); }              \
   void run_row_pass(const ROWS& rows, const RowRange<ROWS::scalar>& r) {                                            \
     using Fn = void (*)(const ROWS&, const RowRange<ROWS::scalar>&);                                                 \
-    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(run_row_pass_avx512)                         \
-                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(run_row_pass_avx2)                           \
-                                                      : static_cast<Fn>(run_row_pass_baseline);                      \
+    static const Fn chosen = build_for_cpu_isa<Fn>(run_row_pass_avx512, run_row_pass_avx2, run_row_pass_baseline);   \
     chosen(rows, r);                                                                                                 \
   }
 #else

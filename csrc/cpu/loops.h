@@ -68,6 +68,19 @@ inline const char* cpu_isa_name() {
   }
 }
 
+// Of a function's builds for each instruction set, the one for cpu_isa() (kept by the caller: chosen once).
+template <typename Fn>
+Fn build_for_cpu_isa(Fn avx512, Fn avx2, Fn baseline) {
+  switch (cpu_isa()) {
+    case Isa::Avx512:
+      return avx512;
+    case Isa::Avx2:
+      return avx2;
+    default:
+      return baseline;
+  }
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GATEDRNN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #define GATEDRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))

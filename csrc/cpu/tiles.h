@@ -252,9 +252,7 @@ inline int64_t tile_items(const Tiles& s, int64_t tiles) {
   void NAME##_baseline(const TILES& s, int64_t b, int64_t e) { run_tiles<TILES, Isa::Baseline>(s, b, e); }             \
   void NAME(const TILES& s, int64_t b, int64_t e) {                                                                   \
     using Fn = void (*)(const TILES&, int64_t, int64_t);                                                              \
-    static const Fn chosen = cpu_isa() == Isa::Avx512 ? static_cast<Fn>(NAME##_avx512)                               \
-                             : cpu_isa() == Isa::Avx2 ? static_cast<Fn>(NAME##_avx2)                                  \
-                                                      : static_cast<Fn>(NAME##_baseline);                             \
+    static const Fn chosen = build_for_cpu_isa<Fn>(NAME##_avx512, NAME##_avx2, NAME##_baseline);                     \
     COUNTER.calls.fetch_add(1, std::memory_order_relaxed);                                                            \
     chosen(s, b, e);                                                                                                  \
   }
