@@ -50,6 +50,37 @@ for (I, H, B), (dtype, atol) in itertools.product([(7, 24, 12), (3, 5, 1), (19, 
         results.append([out, *torch.autograd.grad(out.square().sum(), [x] + list(ours.parameters()))])
     err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
     worst[f"GRU(reset_after=False)-I{I}-H{H}-B{B}-{dtype}"] = (err, atol)
+    # layer_norm, also beyond torch.nn (its row passes are compiled per instruction set too): against the
+    # reference in float64 (float32 rounding of two normalisations per product would add up in a float32
+    # reference too), with the norms' gains and biases moved off their initial values.
+    for mode in ("LSTM", "GRU"):
+        torch.manual_seed(0)
+        ours = getattr(gatedrnn, mode)(I, H, num_layers=2, bidirectional=True, layer_norm=True).to(dtype)
+        names = [n for n, _ in ours.named_parameters()]
+        with torch.no_grad():
+            for name in names:
+                if name.startswith("layer_norm_"):
+                    getattr(ours, name).add_(0.5 * torch.randn_like(getattr(ours, name)))
+        exact = {n: getattr(ours, n).detach().double().requires_grad_() for n in names}
+        norm_names = [n for n in names if n.startswith("layer_norm_")]
+        per_direction = 6 if mode == "LSTM" else 4  # gain and bias of each norm
+        groups = [norm_names[k:k + per_direction] for k in range(0, len(norm_names), per_direction)]
+        norms = [torch.stack([torch.cat([exact[n] for n in g[0::2]]), torch.cat([exact[n] for n in g[1::2]])])
+                 for g in groups]
+        states = [torch.zeros(4, B, H, dtype=torch.float64)] * (2 if mode == "LSTM" else 1)
+        reference = getattr(gatedrnn.reference, mode.lower())
+        results = []
+        for run, params, x_dtype in (
+                (lambda x: ours(x)[0], list(ours.parameters()), dtype),
+                (lambda x: reference(x, None, *states, [exact[n] for n in ours._flat_weights_names], num_layers=2,
+                                     bidirectional=True, layer_norms=norms)[0], list(exact.values()), torch.float64)):
+            x = torch.randn(9, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            x = x.to(x_dtype).requires_grad_()
+            out = run(x)
+            grads = torch.autograd.grad(out.square().sum(), [x] + params)
+            results.append([t.double() for t in (out, *grads)])
+        err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
+        worst[f"{mode}(layer_norm)-I{I}-H{H}-B{B}-{dtype}"] = (err, atol)
 print(json.dumps({"info": gatedrnn.backend_info(), "worst": worst}))
 """
 
