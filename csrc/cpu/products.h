@@ -35,8 +35,7 @@ struct InputTiles : TileBase<T, G, S> {
     const int64_t j0 = p * L, width = std::min<int64_t>(L, hidden - j0);
     for (int64_t r = 0; r < n; ++r) {
       T* o = out + (b0 + r) * out_stride + j0;
-      for (int g = 0; g < G; ++g)
-        for (int64_t l = 0; l < width; ++l) o[g * hidden + l] = acc[(r * G + g) * L + l];
+      for (int g = 0; g < G; ++g) copy_run<L>(o + g * hidden, acc + (r * G + g) * L, width);
     }
   }
 };
@@ -215,12 +214,9 @@ struct ProductTiles : TileBase<T, 4> {
       if (add) {
         for (int64_t j = 0; j < width; ++j) o[j] += v[j];
       } else {
-        for (int64_t j = 0; j < width; ++j) o[j] = v[j];
+        copy_run<G * L>(o, v, width);
       }
-      if (also) {
-        T* h = also + (b0 + r) * columns + c0;
-        for (int64_t j = 0; j < width; ++j) h[j] = v[j];
-      }
+      if (also) copy_run<G * L>(also + (b0 + r) * columns + c0, v, width);
     }
   }
 };
