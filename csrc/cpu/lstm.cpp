@@ -80,7 +80,9 @@ struct ForwardTiles : TileBase<T, kGates, S> {  // depth R
     GATEDRNN_IVDEP
     for (int64_t l = 0; l < width; ++l) {
       T pre[kGates];
-      for (int64_t q = 0; q < kGates; ++q) pre[q] = acc[q * L + l] + g[q * H + l] + (kBias ? bias[q * H + j0 + l] : T(0));
+      for (int64_t q = 0; q < kGates; ++q) {
+        pre[q] = acc[q * L + l] + g[q * H + l] + (kBias ? bias[q * H + j0 + l] : T(0));
+      }
       const auto a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
       T c_new = lstm_cell_state(a, c[l]);
       T h_new = lstm_hidden(a, c_new);

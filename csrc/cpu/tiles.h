@@ -135,7 +135,8 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
   T* dst = out.data_ptr<T>();
   const int64_t width = groups * lanes;
   // A thread's share: at least 64K elements, below which another thread's wake-up costs more than it saves.
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k * width)), [&](int64_t p0, int64_t p1) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k * width));
+  at::parallel_for(0, tiles, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
         int64_t valid = 0;  // the lanes that stand for a column of W: a prefix of the group
@@ -314,7 +315,9 @@ inline int64_t tile_items(const Tiles& s, int64_t tiles) {
   GATEDRNN_TARGET_AVX512 void NAME##_avx512(const TILES& s, int64_t b, int64_t e) {                                   \
     run_tiles<TILES, Isa::Avx512>(s, b, e);                                                                           \
   }                                                                                                                   \
-  GATEDRNN_TARGET_AVX2 void NAME##_avx2(const TILES& s, int64_t b, int64_t e) { run_tiles<TILES, Isa::Avx2>(s, b, e); } \
+  GATEDRNN_TARGET_AVX2 void NAME##_avx2(const TILES& s, int64_t b, int64_t e) {                                       \
+    run_tiles<TILES, Isa::Avx2>(s, b, e);                                                                             \
+  }                                                                                                                   \
   void NAME##_baseline(const TILES& s, int64_t b, int64_t e) { run_tiles<TILES, Isa::Baseline>(s, b, e); }             \
   void NAME(const TILES& s, int64_t b, int64_t e) {                                                                   \
     using Fn = void (*)(const TILES&, int64_t, int64_t);                                                              \
