@@ -128,6 +128,53 @@ def test_ragged_shapes_against_torch_nn_float32(mode, H, B, I):
         torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
 
 
+# The most rows a weight multiplies in one call and is still read in place (kInPlaceRows, csrc/cpu/products.h).
+IN_PLACE_ROWS = 16
+
+
+@pytest.mark.parametrize("T,B,in_place", [(1, 1, True), (1, 16, True), (16, 1, True), (4, 4, True), (1, 17, False),
+                                          (17, 1, False), (6, 3, False)])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_weights_are_read_in_place_exactly_when_they_multiply_few_rows(mode, T, B, in_place):
+    """A call whose T * B rows are at most IN_PLACE_ROWS multiplies W_ih and W_hh where they lie (dot
+    products), with no packing; a longer one packs both, the fused step kernel running either way."""
+    module = getattr(gatedrnn, mode)(5, 6)
+    with torch.no_grad():
+        calls = calls_during(lambda: module(torch.randn(T, B, 5)))
+    assert T * B <= IN_PLACE_ROWS if in_place else T * B > IN_PLACE_ROWS
+    assert calls["weights_read_in_place"] == (2 if in_place else 0)
+    assert calls[f"{mode.lower()}_forward_step"] == T * gatedrnn.backend_info()["cpu_team_size"]
+
+
+# Depths (I, and H for W_hh) below, at and past a multiple of every SIMD width (16/8/4/2 lanes), hidden sizes
+# with full and partial groups of lanes, and every batch up to the in-place limit's edge.
+@pytest.mark.parametrize("I,H", [(1, 1), (3, 17), (16, 16), (20, 33), (37, 70)])
+@pytest.mark.parametrize("B", [1, 5, 16])
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+def test_cells_read_in_place_against_torch_nn(mode, I, H, B):
+    """A cell's single step reads its weights in place: outputs and every gradient against torch.nn in
+    float64, and the counter that proves the in-place product ran (the backward packs as before)."""
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(I, H).double()
+    ours = getattr(gatedrnn, mode)(I, H).double()
+    ours.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, I, dtype=torch.float64, generator=g)
+    h, c = torch.randn(B, H, dtype=torch.float64, generator=g), torch.randn(B, H, dtype=torch.float64, generator=g)
+    results = []
+    for module in (ref, ours):
+        leaf = x.clone().requires_grad_()
+        state = (h, c) if mode == "LSTMCell" else h
+        made = []
+        calls = calls_during(lambda: made.append(module(leaf, state)))
+        out = list(made[0]) if mode == "LSTMCell" else made
+        grads = torch.autograd.grad(weighted_sum(out), [leaf] + list(module.parameters()))
+        results.append(out + list(grads))
+    assert calls["weights_read_in_place"] == 2
+    for e, a in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
 MEMORY_CHECK = textwrap.dedent(r"""
     import json, os, sys, threading, time, torch, gatedrnn
     def rss_mib():

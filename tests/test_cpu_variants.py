@@ -38,6 +38,22 @@ for (I, H, B), (dtype, atol) in itertools.product([(7, 24, 12), (3, 5, 1), (19, 
                 results.append([out, *grads])
             err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
             worst[f"{mode}{kwargs}-I{I}-H{H}-B{B}-{dtype}-packed={packed}"] = (err, atol)
+    # Cells: one step of B <= 16 rows, whose weights the kernels read in place rather than packed.
+    for mode in ("LSTMCell", "GRUCell"):
+        torch.manual_seed(0)
+        ref = getattr(nn, mode)(I, H).to(dtype)
+        ours = getattr(gatedrnn, mode)(I, H).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        results = []
+        for module in (ref, ours):
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(B, I, dtype=dtype, generator=g).requires_grad_()
+            h, c = torch.randn(B, H, dtype=dtype, generator=g), torch.randn(B, H, dtype=dtype, generator=g)
+            out = module(x, (h, c)) if mode == "LSTMCell" else module(x, h)
+            out = torch.cat(out, -1) if mode == "LSTMCell" else out
+            results.append([out, *torch.autograd.grad(out.square().sum(), [x] + list(module.parameters()))])
+        err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(*results))
+        worst[f"{mode}-I{I}-H{H}-B{B}-{dtype}"] = (err, atol)
     # GRU reset_after=False, which torch.nn lacks: against gatedrnn.reference (dense, two layers, both ways).
     torch.manual_seed(0)
     ours = gatedrnn.GRU(I, H, num_layers=2, bidirectional=True, reset_after=False).to(dtype)

@@ -6,7 +6,9 @@
 // r * (W_hn h + b_hn)), applies the activations and updates h; when training it overwrites the projection in
 // place with what backward needs. Backward: a tile computes [dr, dz, dhn]_{t+1} @ W_hh for 4L hidden units
 // and runs step t's derivative on it; a per-(row, unit) carry holds the direct part dh * z. Weight, bias and
-// input gradients are single GEMMs/reductions after the loop. One team of threads runs a whole loop.
+// input gradients are single GEMMs/reductions after the loop. One team of threads runs a whole loop. A
+// forward call of at most kInPlaceRows rows (a cell's step) reads W_ih and W_hh in place instead of packing
+// them (products.h's prepare_weight).
 // reset_after=False (Cho et al.'s GRU) runs its own loops, gru_reset_before.cpp, from the same ops.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -139,29 +141,28 @@ void gru_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, co
   TORCH_INTERNAL_ASSERT((std::is_same_v<S, T>) || !save);
   std::array<Tensor, 2> masked;
   const auto states = recurrent_states<S>(h0, output2d, recurrent_mask, masked);
-  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
-  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const auto chunks = plan_chunks(schedule, chunk_rows(G * int64_t(sizeof(T))));
   if (!save) saved = chunk_buffer(chunks, G, x2d.options().dtype(c10::CppTypeToScalarType<T>::value));
   const int64_t stride = saved.stride(0);
 
-  const InputTiles<T, kGates, S> input{
-      {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, stride, H, 0, 0};
-  const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), H},
-                                states,
-                                saved.data_ptr<T>(),
-                                0,
-                                stride,
-                                bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
-                                b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
-                                hy.data_ptr<S>(),
-                                zoneout_keep<T>(zoneout),
-                                recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                                save,
-                                H,
-                                0,
-                                Step{}};
+  InputTiles<T, kGates, S> input{{nullptr, 0, s.input_size}, x2d.const_data_ptr<S>(), nullptr, stride, H, 0, 0};
+  ForwardTiles<T, S> cell{{nullptr, 0, H},
+                          states,
+                          saved.data_ptr<T>(),
+                          0,
+                          stride,
+                          bias_input.has_value() ? bias_input->const_data_ptr<T>() : nullptr,
+                          b_hh.has_value() ? b_hh->const_data_ptr<T>() + 2 * H : nullptr,
+                          hy.data_ptr<S>(),
+                          zoneout_keep<T>(zoneout),
+                          recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                          save,
+                          H,
+                          0,
+                          Step{}};
+  const Tensor ih = prepare_weight(input, w_ih, Columns::GateMajor, Scratch::PackedInput, s.rows);
+  const Tensor hh = prepare_weight(cell, w_hh, Columns::GateMajor, Scratch::PackedRecurrent, s.rows);
 
   run_team([&](const Team& team) {
     const auto run_input = [](const auto& in, int64_t b, int64_t e) { run_input_tiles(in, b, e); };

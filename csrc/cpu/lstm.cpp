@@ -6,7 +6,9 @@
 // (cells.h) before anything is written; with proj_size, one more product h_t @ W_hr^T per step. Backward
 // mirrors it: a tile computes dG_{t+1} @ W_hh for L*4 hidden units and runs step t's cell derivative on the
 // result; the weight and input gradients are single GEMMs after the loop (layer_grads.h). One team of
-// threads runs a whole loop, a barrier between dependent phases; nothing is allocated inside it.
+// threads runs a whole loop, a barrier between dependent phases; nothing is allocated inside it. A forward
+// call of at most kInPlaceRows rows (a cell's step) reads W_ih and W_hh in place instead of packing them
+// (products.h's prepare_weight).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -162,8 +164,6 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   const bool proj = w_hr.has_value();
   constexpr bool kSameTypes = std::is_same_v<S, T>;
   TORCH_INTERNAL_ASSERT(kSameTypes || (!proj && !save));
-  const Tensor ih = pack_for<S>(w_ih, kGates, Columns::GateMajor, Scratch::PackedInput);
-  const Tensor hh = pack_for<S>(w_hh, kGates, Columns::GateMajor, Scratch::PackedRecurrent);
   const auto hr = proj ? pack_tiles(*w_hr, kGates, L, Columns::Contiguous, Scratch::PackedProjection) : Tensor();
   const int64_t unit_tiles = tile_count(G, kGates, L, Columns::GateMajor);
   const int64_t state_tiles = tile_count(R, kGates, L, Columns::Contiguous);
@@ -173,25 +173,26 @@ void lstm_forward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
   std::array<Tensor, 2> masked;
   const auto states = recurrent_states<S>(h0, output2d, recurrent_mask, masked);
 
-  const InputTiles<T, kGates, S> input{
-      {ih.const_data_ptr<S>(), ih.stride(0), s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
-  const ForwardTiles<T, S> cell{{hh.const_data_ptr<S>(), hh.stride(0), R},
-                                states,
-                                gates.data_ptr<T>(),
-                                0,
-                                G,
-                                bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-                                cy.data_ptr<T>(),
-                                hy.data_ptr<S>(),
-                                save ? cells.data_ptr<T>() : nullptr,
-                                proj ? pre_proj.data_ptr<T>() : nullptr,
-                                zoneout_keep<T>(zoneout),
-                                zoneout_keep<T>(zoneout_cell),
-                                recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
-                                H,
-                                R,
-                                0,
-                                Step{}};
+  InputTiles<T, kGates, S> input{{nullptr, 0, s.input_size}, x2d.const_data_ptr<S>(), nullptr, G, H, 0, 0};
+  ForwardTiles<T, S> cell{{nullptr, 0, R},
+                          states,
+                          gates.data_ptr<T>(),
+                          0,
+                          G,
+                          bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+                          cy.data_ptr<T>(),
+                          hy.data_ptr<S>(),
+                          save ? cells.data_ptr<T>() : nullptr,
+                          proj ? pre_proj.data_ptr<T>() : nullptr,
+                          zoneout_keep<T>(zoneout),
+                          zoneout_keep<T>(zoneout_cell),
+                          recurrent_mask ? recurrent_mask->const_data_ptr<T>() : nullptr,
+                          H,
+                          R,
+                          0,
+                          Step{}};
+  const Tensor ih = prepare_weight(input, w_ih, Columns::GateMajor, Scratch::PackedInput, s.rows);
+  const Tensor hh = prepare_weight(cell, w_hh, Columns::GateMajor, Scratch::PackedRecurrent, s.rows);
   // h_t = pre_proj @ W_hr^T, into the step's output rows and the final state.
   ProductTiles<T> projection{};
   if constexpr (kSameTypes) {

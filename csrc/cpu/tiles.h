@@ -5,7 +5,8 @@
 // contiguous run of G registers; the product keeps MR x G accumulator registers, broadcasts one element of
 // each A row per k and issues MR x G fused multiply-adds. The result never leaves the tile before its
 // epilogue (a cell update from cells.h, or a plain store) has run on it: nothing like a gate buffer is
-// written between the matmul and the update.
+// written between the matmul and the update. A call whose weight multiplies only a few rows (a cell's step)
+// skips the packing: the same tiles then read W's own rows by dot products (dot_tile), for the same epilogues.
 //
 // Two column orders:
 //  - GateMajor: the columns of a cell's G gates for the same L hidden units (W_hh and W_ih of the forward,
@@ -23,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -224,6 +226,97 @@ GATEDRNN_ALWAYS_INLINE void tile_product_rows(int64_t rows, const T* const* a, i
   tile_product<T, L, G, MR, kStrided>(a, a_step, k_size, panel, out);
 }
 
+// ------------------------------------------------------------------------ products of W read in place
+// For a call whose weight multiplies only a few rows (a cell's single step, say), packing W costs more than
+// the product: it reads and writes all of W, in shuffles. Read in place, W's rows are contiguous in k, so each
+// output column is a dot product: L columns of one group at a time, each in its own accumulator register
+// over k (one load of A and L of W per L x L fused multiply-adds), then one tree of shuffles and adds
+// (fold_sums) that leaves column l's sum in lane l: the tile's accumulator layout, for the same epilogues.
+
+// Lane q of one half of a fold step that turns blocks of `block` lanes into blocks of half that: x's and y's
+// corresponding half-blocks side by side (the first or the second half of each block, by `second`). Lanes of
+// y are numbered from `lanes` on, as both shuffle builtins number them.
+constexpr int fold_lane(int lanes, int block, bool second, int q) {
+  const int half = block / 2, start = (q / block) * block + (second ? half : 0), within = q % block;
+  return within < half ? start + within : lanes + start + within - half;
+}
+
+template <typename T, int L, int kBlock, bool kSecond, typename Vec, size_t... Q>
+GATEDRNN_ALWAYS_INLINE Vec fold_half(Vec x, Vec y, std::index_sequence<Q...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(x, y, fold_lane(L, kBlock, kSecond, int(Q))...);
+#else
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index Mask __attribute__((vector_size(L * sizeof(T))));
+  return __builtin_shuffle(x, y, Mask{fold_lane(L, kBlock, kSecond, int(Q))...});
+#endif
+}
+
+// v[0] lane l = the sum of v[l]'s lanes, for all l < L (the other v are clobbered). Each step pairs v[j] with
+// v[j + kBlock/2] and halves the block of lanes that stands for one column: vector j then holds columns
+// j, j + kBlock/2, ... in blocks of kBlock/2 lanes. L - 1 additions and twice as many shuffles in all.
+template <typename T, int L, int kBlock, typename Vec>
+GATEDRNN_ALWAYS_INLINE void fold_sums(Vec* v) {
+  if constexpr (kBlock > 1) {
+    constexpr auto lanes = std::make_index_sequence<L>{};
+    for (int j = 0; j < kBlock / 2; ++j) {
+      const Vec x = v[j], y = v[j + kBlock / 2];
+      v[j] = fold_half<T, L, kBlock, false>(x, y, lanes) + fold_half<T, L, kBlock, true>(x, y, lanes);
+    }
+    fold_sums<T, L, kBlock / 2>(v);
+  }
+}
+
+// out[l] = sum_k a[k] * w_l[k] for the rows w_l = w0 + l * w_stride, l < valid (1 <= valid <= L); the lanes
+// past `valid` repeat the last valid row (the epilogues never read them). kFull: valid == L.
+template <typename T, int L, bool kFull>
+GATEDRNN_ALWAYS_INLINE void dot_group(const T* a, const T* w0, int64_t w_stride, int64_t valid, int64_t k_size,
+                                     T* out) {
+  using Vec = typename VectorOf<T, L>::type;
+  using Load = typename VectorOf<T, L>::unaligned;
+  const int64_t last = valid - 1;  // (no lambda for the row: its body would be compiled for the baseline ISA)
+  Vec acc[L] = {};
+  int64_t k = 0;
+  for (; k + L <= k_size; k += L) {
+    const Vec x = *reinterpret_cast<const Load*>(a + k);
+    const T* w = w0 + k;  // row l, stepped by w_stride (one address register rather than L)
+    for (int l = 0; l < L; ++l) {
+      if constexpr (kFull) {
+        acc[l] += x * *reinterpret_cast<const Load*>(w);
+        w += w_stride;
+      } else {
+        acc[l] += x * *reinterpret_cast<const Load*>(w0 + std::min<int64_t>(l, last) * w_stride + k);
+      }
+    }
+  }
+  fold_sums<T, L, L>(acc);
+  for (; k < k_size; ++k) {  // depths past a multiple of L
+    for (int l = 0; l < L; ++l) acc[0][l] += a[k] * w0[std::min<int64_t>(l, last) * w_stride + k];
+  }
+  std::memcpy(out, &acc[0], sizeof(Vec));
+}
+
+// The tile product of tile p for `rows` rows of A (each contiguous in k) from W read in place:
+// out[r][g][l] as tile_product leaves it, for the columns tile_column names; lanes past W's (or a gate's)
+// last column hold anything.
+template <typename T, int L, int G, typename Tiles>
+GATEDRNN_ALWAYS_INLINE void dot_tile(const Tiles& s, int64_t p, int64_t rows, const T* const* a, T* out) {
+  const int64_t n = s.w_columns;
+  for (int g = 0; g < G; ++g) {
+    const int64_t c0 = tile_column(s.w_order, p, g, 0, G, L, n);
+    int64_t valid = 0;  // a prefix of the group's lanes (tile_column)
+    while (valid < L && tile_column(s.w_order, p, g, valid, G, L, n) < n) ++valid;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* o = out + (r * G + g) * L;
+      if (valid == L) {
+        dot_group<T, L, true>(a[r], s.w_rows + c0 * s.w_row_stride, s.w_row_stride, L, s.k, o);
+      } else if (valid > 0) {
+        dot_group<T, L, false>(a[r], s.w_rows + c0 * s.w_row_stride, s.w_row_stride, valid, s.k, o);
+      }
+    }
+  }
+}
+
 // dst[0, width) = src[0, width) for width <= N: a full run as one copy of a fixed size, which the compiler
 // turns into vector moves; a shorter one element by element. (GCC compiles a copy loop over a runtime width
 // alone into a memcpy call or a `rep movs`; no end-to-end difference was measurable, but this form does not
@@ -246,8 +339,20 @@ struct TileBase {
   static constexpr int kGroups = G;
   const S* panels;        // tile 0
   int64_t panel_size, k;  // elements per tile; the product's depth
+  // Set by read_in_place: W's own rows ([columns, k], each contiguous in k, w_row_stride apart, column order
+  // w_order), multiplied by dot products (dot_tile) instead of the packed panels, which are then unused.
+  const S* w_rows = nullptr;
+  int64_t w_row_stride = 0, w_columns = 0;
+  Columns w_order = Columns::GateMajor;
 
   const S* panel(int64_t p) const { return panels + p * panel_size; }
+
+  void read_in_place(const at::Tensor& w_nk, Columns order) {
+    w_rows = w_nk.const_data_ptr<S>();
+    w_row_stride = w_nk.stride(0);
+    w_columns = w_nk.size(0);
+    w_order = order;
+  }
 };
 
 // Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: a TileBase, rows,
@@ -275,6 +380,13 @@ GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64
     const int64_t p = item / row_blocks, block = item % row_blocks;
     const int64_t b0 = block * base + std::min(block, extra), rows = base + (block < extra ? 1 : 0);
     for (int64_t r = 0; r < rows; ++r) a[r] = s.a_row(b0 + r);
+    if constexpr (!kBf16 && !kStrided) {
+      if (s.w_rows) {
+        dot_tile<T, L, G>(s, p, rows, a, acc);
+        s.template finish<L>(acc, b0, rows, p);
+        continue;
+      }
+    }
 #ifdef GATEDRNN_HAVE_BF16_TILES
     if constexpr (kBf16) {
       bf16_product<G, MR>(rows, a, s.k, s.panel(p), acc);
