@@ -8,6 +8,7 @@ capped run cannot cap ONNX Runtime's kernels).
 import copy
 import importlib.util
 import io
+import logging
 import os
 import warnings
 
@@ -42,9 +43,17 @@ class OnnxRuntimeModule:
 
         # An inference copy: the original stays torch.nn's timed module, as it was. torch.nn's RNN reassigns its
         # flat-weight list while being traced, which the exporter warns about; it is torch's, and harmless here.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The tensor attributes self._flat_weights")
-            program = torch.onnx.export(copy.deepcopy(module).eval(), (x,), dynamo=True, verbose=False)
+        # The exporter also logs, at every export, four lines that torchvision's ops are skipped (torchvision is
+        # not installed): noise in the report, so its registry's logger is held at ERROR meanwhile.
+        registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registry_log.level
+        registry_log.setLevel(logging.ERROR)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The tensor attributes self._flat_weights")
+                program = torch.onnx.export(copy.deepcopy(module).eval(), (x,), dynamo=True, verbose=False)
+        finally:
+            registry_log.setLevel(level)
         buffer = io.BytesIO()
         program.save(buffer)
         options = onnxruntime.SessionOptions()
