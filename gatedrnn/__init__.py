@@ -13,7 +13,7 @@ from .modules import GRU, LSTM, GRUCell, LSTMCell
 from ._convert import convert
 from ._keras import GoBackwards, from_keras, to_keras_weights
 
-_onnx.register_translations()  # for torch.onnx.export, when onnxscript is installed (see _onnx.py)
+_onnx.register_translations()  # for torch.onnx.export: now, or once the exporter imports onnxscript (see _onnx.py)
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "GoBackwards", "backend_info", "convert", "from_keras", "functional",
            "reference", "to_keras_weights"]

@@ -2,9 +2,10 @@
 
 torch.onnx.export(model, args, dynamo=True) traces a model into gatedrnn::lstm_forward / gru_forward nodes,
 one per layer and direction, and translates each node with a function from onnxscript's torch_lib registry,
-which the exporter reads before it traces. `import gatedrnn` therefore adds gatedrnn's translations to that
-registry when onnxscript is installed (it is what the exporter itself needs), so a plain torch.onnx.export
-call needs nothing more. Each translation is one ONNX node with torch.nn's semantics: the LSTM's gates
+which the exporter reads before it traces. gatedrnn's translations are added to that registry as soon as the
+registry's module is imported (by the exporter, or by anything else; at `import gatedrnn` if it already was),
+so a plain torch.onnx.export call needs nothing more, and `import gatedrnn` does not import onnxscript (which
+would double its import time). Each translation is one ONNX node with torch.nn's semantics: the LSTM's gates
 reordered from torch's i, f, g, o to ONNX's i, o, f, c; the GRU's from r, z, n to z, r, h, with
 linear_before_reset=1 (torch's GRU applies the reset gate after W_hn h + b_hn), or 0 for reset_after=False
 (the reset gate multiplies h before W_hn: ONNX's default GRU). Batch and sequence length stay dynamic.
@@ -14,21 +15,30 @@ Projections and packed input have no standard node: the modules refuse them by n
 see an export in progress, and the translations refuse them too (an export whose capture does not run the
 modules' Python still reaches those), so a wrong graph never comes out.
 """
+import importlib.abc
 import importlib.util
+import sys
 
 # Why ONNX export cannot work in this process, or None once the translations are registered.
 _unavailable = "not registered yet"
 _SIXTEEN_BIT = ("FLOAT16", "BFLOAT16")
+# The module of onnxscript's torch_lib registry: the translations are registered once it has been imported.
+_REGISTRY_MODULE = "onnxscript.function_libs.torch_lib.registration"
 
 
 def register_translations():
-    """Adds gatedrnn's op translations to onnxscript's registry, if onnxscript is installed. Never raises:
+    """Adds gatedrnn's op translations to onnxscript's registry, if onnxscript is installed: now if the
+    registry's module is imported already, else right after its import (_RegisterAfterImport). Never raises:
     a failure is kept and reported by check_export() when an export is attempted."""
     global _unavailable
     if _unavailable is None:
         return
     if importlib.util.find_spec("onnxscript") is None:
         _unavailable = "onnxscript is not installed (pip install onnxscript)"
+        return
+    if _REGISTRY_MODULE not in sys.modules:
+        if not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterAfterImport())
         return
     try:
         from onnxscript import ir
@@ -39,6 +49,37 @@ def register_translations():
         _unavailable = None
     except Exception as e:  # an onnxscript whose registry API changed: export says so, import still works
         _unavailable = f"registering gatedrnn's ONNX translations with onnxscript failed: {type(e).__name__}: {e}"
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """An import hook, used once: finds the registry's module as the other finders would, and has its loader
+    call register_translations() just after running the module."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)  # before the search below, which must not come back here
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """A module's own loader, then register_translations() once the module has run."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        register_translations()
+
+    def __getattr__(self, name):  # get_source, get_data, ...: the module's own loader's
+        return getattr(self._loader, name)
 
 
 def check_export(projection=False, packed=False, zoneout=False, layer_norm=False):

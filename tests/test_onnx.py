@@ -1,6 +1,10 @@
 """ONNX export (torch.onnx.export(..., dynamo=True)) of models with gatedrnn layers: standard ONNX LSTM and GRU
 nodes (one per layer and direction), dynamic batch and sequence length, and ONNX Runtime's outputs equal to
 torch.nn's at shapes other than the traced one. What ONNX's nodes cannot express is refused by name."""
+import importlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.export import Dim
@@ -196,10 +200,34 @@ def test_export_without_the_translations_says_why(monkeypatch):
     fails either way: the exporter finds no function for gatedrnn's ops)."""
     from gatedrnn import _onnx
 
-    _onnx.check_export()  # registered in this process
+    importlib.import_module(_onnx._REGISTRY_MODULE)  # what an export imports first: the translations register
+    _onnx.check_export()
     monkeypatch.setattr(_onnx, "_unavailable", "onnxscript is not installed (pip install onnxscript)")
     with pytest.raises(RuntimeError, match="ONNX export is unavailable: onnxscript is not installed"):
         _onnx.check_export()
+
+
+IMPORT_ORDER = r"""
+import sys, torch
+if sys.argv[1] == "registry_first":
+    import onnxscript.function_libs.torch_lib.registration
+import gatedrnn
+print("onnxscript" in sys.modules, gatedrnn._onnx._unavailable)
+program = torch.onnx.export(gatedrnn.GRU(3, 4).eval(), (torch.randn(2, 1, 3),), dynamo=True, verbose=False)
+print(gatedrnn._onnx._unavailable, [node.op_type for node in program.model.graph if node.op_type in ("GRU", "LSTM")])
+"""
+
+
+@pytest.mark.parametrize("order", ["gatedrnn_first", "registry_first"])
+def test_import_leaves_onnxscript_alone_and_an_export_finds_the_translations(order):
+    """`import gatedrnn` does not import onnxscript (that doubled its import time): the translations are
+    registered when onnxscript's registry is imported (by the exporter), or at once if it was imported first.
+    Fresh processes, so that nothing else has imported onnxscript before."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_ORDER, order], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    at_import, after_export = result.stdout.strip().splitlines()[-2:]
+    assert at_import == ("True None" if order == "registry_first" else "False not registered yet")
+    assert after_export == "None ['GRU']"
 
 
 def test_dropout_variants_export_in_evaluation_mode_only(tmp_path):
