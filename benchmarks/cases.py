@@ -20,13 +20,19 @@ class Case:
     dtype: torch.dtype = torch.float32
     min_length: int = 30
     variant: str = ""  # a layer beyond torch.nn (benchmarks/variants.py), timed against a torch.nn cell loop
+    cell: bool = False  # T calls of LSTMCell/GRUCell in a Python loop (a decoder's way), on both sides
+
+    @property
+    def name(self):
+        """The module class each side runs: LSTM or GRU, or LSTMCell or GRUCell for a cell case."""
+        return f"{self.mode}Cell" if self.cell else self.mode
 
     @property
     def directions(self):
         return 2 if self.bidirectional else 1
 
     def label(self):
-        parts = [self.mode, "train" if self.training else "infer", f"T={self.T} B={self.B} I={self.I} H={self.H}"]
+        parts = [self.name, "train" if self.training else "infer", f"T={self.T} B={self.B} I={self.I} H={self.H}"]
         if self.layers > 1 or self.bidirectional:
             parts.append(f"L={self.layers}{' bi' if self.bidirectional else ''}")
         if self.packed:
@@ -39,7 +45,7 @@ class Case:
 
     def slug(self):
         """The label as an identifier (for test ids and -k selections)."""
-        parts = [self.mode, "train" if self.training else "infer", f"T{self.T}-B{self.B}-I{self.I}-H{self.H}"]
+        parts = [self.name, "train" if self.training else "infer", f"T{self.T}-B{self.B}-I{self.I}-H{self.H}"]
         if self.layers > 1 or self.bidirectional:
             parts.append(f"L{self.layers}{'bi' if self.bidirectional else ''}")
         if self.packed:
@@ -77,6 +83,8 @@ class Case:
 
 # (T, B, I, H): the field's customary default (PyTorch's fastrnns), latency, and two mid-size shapes.
 STANDARD_SHAPES = [(100, 64, 512, 512), (50, 1, 128, 128), (100, 64, 256, 256), (200, 32, 128, 256)]
+# (T, B, I, H) of the cell cases: T single steps, as a decoder with attention or beam search calls a cell.
+CELL_SHAPES = [(50, 1, 128, 128), (50, 16, 256, 256)]
 LARGE_SHAPE = (100, 64, 1024, 1024)
 
 
@@ -104,6 +112,8 @@ def standard_cases(device, full=False):
                     cases.append(Case(mode, T, B, I, H, training, dtype=dtype))
                 cases.append(Case(mode, 100, 64, 256, 256, training, layers=2, bidirectional=True, dtype=dtype))
                 cases.append(Case(mode, 100, 64, 256, 256, training, packed=True, dtype=dtype))
+    cases += [Case(mode, *shape, training, cell=True)
+              for mode in ("LSTM", "GRU") for training in (False, True) for shape in CELL_SHAPES]
     # The variants, in training, against a per-step loop over torch.nn's cell (and gatedrnn's plain layer).
     cases += [Case(mode, 100, 64, 256, 256, True, variant=variant)
               for variant, modes in VARIANTS.items() for mode in modes]

@@ -65,8 +65,29 @@ def _cudnn_flags(name):
     return torch.backends.cudnn.flags(enabled=not _cudnn_disabled(name), allow_tf32=False)
 
 
+class CellSteps(nn.Module):
+    """A cell case's model: `cell` called once per step of time-major input, its state carried, as a decoder
+    calls it. Returns (the steps' h stacked,), like an RNN layer's output."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        state, outputs = None, []
+        for step in x:
+            state = self.cell(step, state)
+            outputs.append(state[0] if isinstance(state, tuple) else state)
+        return (torch.stack(outputs),)
+
+
 def make_modules(case, device, names):
     torch.manual_seed(0)
+    if case.cell:
+        reference = getattr(nn, case.name)(case.I, case.H).to(device=device, dtype=case.dtype)
+        ours = getattr(gatedrnn, case.name)(case.I, case.H).to(device=device, dtype=case.dtype)
+        ours.load_state_dict(reference.state_dict())
+        return {name: CellSteps(ours if name == "gatedrnn" else reference) for name in names}
     kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
     reference = getattr(nn, case.mode)(case.I, case.H, **kwargs).to(device=device, dtype=case.dtype)
     modules = {}

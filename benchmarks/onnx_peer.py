@@ -22,7 +22,7 @@ def available():
 
 
 def applies(case, device):
-    return (device == "cpu" and available() and not case.training and not case.packed
+    return (device == "cpu" and available() and not case.training and not case.packed and not case.cell
             and case.dtype == torch.float32 and not os.environ.get("GATEDRNN_CPU_ISA"))
 
 

@@ -20,6 +20,9 @@ def test_standard_cases_cover_the_issue():
             for shape in ("T=100 B=64 I=512 H=512", "T=50 B=1 I=128 H=128", "T=100 B=64 I=256 H=256",
                           "T=200 B=32 I=128 H=256"):
                 assert f"{mode} {kind} {shape}" in labels
+    for mode in ("LSTMCell", "GRUCell"):
+        for kind in ("infer", "train"):
+            assert f"{mode} {kind} T=50 B=1 I=128 H=128" in labels
     assert any(c.layers == 2 and c.bidirectional for c in cases)
     packed = [c for c in cases if c.packed]
     assert packed and all(30 <= n <= 100 for n in packed[0].lengths())
@@ -42,14 +45,15 @@ def test_gemm_flops():
 def test_run_prints_a_table_and_writes_json_and_chart(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
-    assert cli.main(["--filter", "T=50 B=1", "--repeats", "1", "--devices", "cpu"]) == 0
+    assert cli.main(["--filter", "T=50 B=1 I=128", "--repeats", "1", "--devices", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "LSTM train T=50 B=1 I=128 H=128" in out and "GRU infer T=50 B=1 I=128 H=128" in out
+    assert "LSTMCell infer T=50 B=1 I=128 H=128" in out
     written = sorted(p.suffix for p in tmp_path.iterdir())
     assert written == [".json", ".png"]
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     results = data["devices"]["cpu"]["results"]
-    assert len(results) == 4 and all(r["speedup"] > 0 and not r["error"] for r in results)
+    assert len(results) == 8 and all(r["speedup"] > 0 and not r["error"] for r in results)
     assert data["torch"] == torch.__version__ and data["commit"]
     trained = [r for r in results if r["case"]["training"]]
     assert all(r["memory_bytes"]["gatedrnn"] > 0 and r["memory_bytes"]["torch.nn"] > 0 for r in trained)
@@ -90,6 +94,22 @@ def test_a_disagreeing_onnx_runtime_is_reported_not_timed(monkeypatch):
     monkeypatch.setattr(onnx_peer.OnnxRuntimeModule, "__call__", lambda self, x: (real_call(self, x)[0] * 1.1,))
     result = measure.measure(Case("GRU", 6, 2, 3, 4, training=False), "cpu", 1, 0)
     assert "disagrees with torch.nn" in result.error and not result.timings
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cell_cases_time_the_cells_stepped_by_a_python_loop(mode, training):
+    """A cell case: LSTMCell/GRUCell of each side, called once per step with the state carried (a decoder's
+    loop), agreement-checked like the layers, and no ONNX Runtime column (it would time a different model)."""
+    case = Case(mode, 6, 3, 4, 5, training=training, cell=True)
+    assert case.label() == f"{mode}Cell {'train' if training else 'infer'} T=6 B=3 I=4 H=5"
+    assert measure.implementations("cpu", case) == ["gatedrnn", "torch.nn"]
+    modules = measure.make_modules(case, "cpu", ["gatedrnn", "torch.nn"])
+    assert isinstance(modules["gatedrnn"].cell, getattr(gatedrnn, f"{mode}Cell"))
+    assert type(modules["torch.nn"].cell) is getattr(torch.nn, f"{mode}Cell")
+    result = measure.measure(case, "cpu", repeats=1, warmup=0)
+    assert not result.error and set(result.timings) == {"gatedrnn", "torch.nn"}
+    assert 0 < result.max_rel_diff < 1e-5  # float32: the two differ in rounding, and both ran
 
 
 @pytest.mark.parametrize("mode,variant", [("LSTM", "zoneout"), ("GRU", "zoneout"), ("LSTM", "recurrent_dropout"),
