@@ -148,7 +148,7 @@ def _reset(module, stdv):
 
 def _keep(p, training, input, size):
     """A cell's zoneout keep values for one step ([B, size]), or None."""
-    return _ops.zoneout_keep(p, training, input.unsqueeze(0), size)
+    return _ops.zoneout_keep(p, training, input.unsqueeze(0), size) if p else None
 
 
 def _check_no_empty_sequence(input, batch_sizes, batch_first):
