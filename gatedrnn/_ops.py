@@ -233,6 +233,41 @@ def _gru_backward(ctx, grad_output, grad_hy, _grad_saved):
 torch.library.register_autograd("gatedrnn::gru_forward", _gru_backward, setup_context=_gru_setup_context)
 
 
+class _EagerLstm(torch.autograd.Function):
+    """lstm_forward with its registered setup_context and backward, for eager training calls.
+
+    With grad mode on, torch.library's autograd wrapper of the op first refills the arguments the dispatcher
+    dropped as defaults (torch._library.utils.fill_defaults), reading the schema's argument list once per
+    argument: with this op's 18 arguments, about 50 us per call before anything runs (the op itself takes
+    about 16 us for a B=1 H=128 cell step; pytorch/pytorch#195110 proposes the fix). This Function's forward
+    runs with grad mode off, where the wrapper only redispatches, and applies the same setup_context and
+    backward. Under torch.compile and torch.export the op is called as it is, and its registration (autograd,
+    fake kernel) serves them."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _ops.lstm_forward(*inputs)
+
+    setup_context = staticmethod(_lstm_setup_context)
+    backward = staticmethod(_lstm_backward)
+
+
+class _EagerGru(torch.autograd.Function):
+    """gru_forward's _EagerLstm: all 16 arguments, the registered setup_context and backward."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _ops.gru_forward(*inputs)
+
+    setup_context = staticmethod(_gru_setup_context)
+    backward = staticmethod(_gru_backward)
+
+
+def _forward_op(op, eager_function, save):
+    """What a layer calls: the op, or for an eager call that saves for backward, its eager Function."""
+    return eager_function.apply if save and not torch.compiler.is_compiling() else op
+
+
 def _double_backward_unsupported(ctx, *grads):
     raise RuntimeError(
         "gatedrnn: the backward ops (torch.ops.gatedrnn.*_backward) are not differentiable. Differentiating a "
@@ -366,7 +401,8 @@ def lstm_layer(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_h
     tensors = [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]
     dtype = _autocast_dtype(input, always=True)
     runs_in = dtype or input.dtype
-    output, hy, cy, _, _ = _call_without_autocast(_ops.lstm_forward, input, tensors, dtype, reverse, save, lengths,
+    output, hy, cy, _, _ = _call_without_autocast(_forward_op(_ops.lstm_forward, _EagerLstm, save), input, tensors,
+                                                  dtype, reverse, save, lengths,
                                                   _keep_for(zoneout, runs_in), _keep_for(zoneout_cell, runs_in),
                                                   _mask_for(weight_hh_mask, runs_in),
                                                   _keep_for(recurrent_mask, runs_in), _mask_for(input_mask, runs_in),
@@ -387,7 +423,8 @@ def gru_layer(input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh, re
     save = _needs_saving(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm)
     tensors = [input, batch_sizes, hx, weight_ih, weight_hh, bias_ih, bias_hh]
     dtype = _autocast_dtype(input, always=False)
-    output, hy, _ = _call_without_autocast(_ops.gru_forward, input, tensors, dtype, reverse, save, lengths,
+    output, hy, _ = _call_without_autocast(_forward_op(_ops.gru_forward, _EagerGru, save), input, tensors, dtype,
+                                           reverse, save, lengths,
                                            _keep_for(zoneout, dtype or input.dtype),
                                            _mask_for(weight_hh_mask, dtype or input.dtype),
                                            _keep_for(recurrent_mask, dtype or input.dtype),

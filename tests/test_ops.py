@@ -73,6 +73,30 @@ def test_gru_gradcheck(config, device):
     assert torch.autograd.gradcheck(lambda *a: _ops.gru_layer(*a), args)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_eager_training_skips_torch_librarys_argument_refill(mode, monkeypatch):
+    """An eager training call enters through gatedrnn's own autograd.Function (_EagerLstm/_EagerGru: the op's
+    registered setup_context and backward), not torch.library's wrapper, whose fill_defaults costs about 50 us
+    a call with these ops' 16-18 arguments. The op called as it is still takes the registered path (what
+    torch.compile traces), and both give the same gradients."""
+    import torch._library.utils as library_utils
+
+    refills = []
+    real_fill_defaults = library_utils.fill_defaults
+    monkeypatch.setattr(library_utils, "fill_defaults", lambda *a: refills.append(1) or real_fill_defaults(*a))
+    args = lstm_args(False, False, True, False) if mode == "lstm" else gru_args(False, False, True)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    outputs = 3 if mode == "lstm" else 2  # output, hy (, cy); then the saved activations
+    layer = _ops.lstm_layer if mode == "lstm" else _ops.gru_layer
+    eager = torch.autograd.grad(sum(o.square().sum() for o in layer(*args)), leaves)
+    assert refills == []
+    op = torch.ops.gatedrnn.lstm_forward if mode == "lstm" else torch.ops.gatedrnn.gru_forward
+    registered = torch.autograd.grad(sum(o.square().sum() for o in op(*args, True)[:outputs]), leaves)
+    assert refills, "the registered path was not taken, so this test could not tell the two apart"
+    for a, b in zip(eager, registered):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_module_gradcheck(mode):
     """gradcheck through a whole module: 2 layers, bidirectional, packed, with hx."""
