@@ -48,8 +48,10 @@ def onednn_isa():
 def instruction_sets():
     """Which instruction set each side runs on the CPU: {implementation: description}."""
     info = gatedrnn.backend_info()
+    bf16 = "bfloat16 on AMX" if info["cpu_bf16_amx"] else "bfloat16 on vdpbf16ps" if info["cpu_bf16_tiles"] else \
+        "bfloat16 in float32"
     return {
-        "gatedrnn": f"{info['cpu_isa']} tiles, {info['cpu_threads']} team of {info['cpu_team_size']}, "
+        "gatedrnn": f"{info['cpu_isa']} tiles, {bf16}, {info['cpu_threads']} team of {info['cpu_team_size']}, "
                     f"post-loop GEMM {info['cpu_gemm']}",
         "torch.nn": f"oneDNN {onednn_isa()}, ATen {torch.backends.cpu.get_cpu_capability()}",
     }

@@ -28,8 +28,8 @@ def backend_info():
     backward loop: "tiles", gatedrnn's own, or "aten", torch.mm; the faster on this machine, timed once per
     process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs
     its products in bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed
-    in float32), ``library``
-    (path of the shared library) and ``torch`` (the torch version running).
+    in float32), ``cpu_bf16_amx`` (True where those bfloat16 products run on the AMX tile unit: Intel CPUs with
+    AMX-BF16, unless GATEDRNN_CPU_AMX=0), ``library`` (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
 
@@ -47,6 +47,7 @@ def backend_info():
         "cpu_team_size": build["cpu_team_size"],
         "cpu_gemm": build["cpu_gemm"],
         "cpu_bf16_tiles": build["cpu_bf16_tiles"],
+        "cpu_bf16_amx": build["cpu_bf16_amx"],
         "library": _C.__file__,
         "torch": torch.__version__,
     }
@@ -59,8 +60,8 @@ def kernel_calls():
     gru_forward_step, gru_backward_step, gru_input_projection, the reset_after=False GRU's
     gru_reset_before_gates_step, gru_reset_before_candidate_step, gru_reset_before_backward_step,
     gru_reset_before_reset_backward_step, gru_reset_before_input_projection, matmul, and the bfloat16 tiles'
-    lstm_forward_step_bf16, lstm_input_projection_bf16, gru_forward_step_bf16, gru_input_projection_bf16. The
-    tests read it to prove the fused step kernels ran."""
+    lstm_forward_step_bf16, lstm_input_projection_bf16, gru_forward_step_bf16, gru_input_projection_bf16, of
+    which bf16_amx_products counts the calls that ran on AMX (cpu_bf16_amx in backend_info()). The tests read it to prove the fused step kernels ran."""
     return dict(_C.kernel_calls())
 
 

@@ -3,6 +3,7 @@
 sequences), and what they keep in memory is bounded per process."""
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -279,11 +280,13 @@ def test_bf16_inference_runs_the_bf16_tiles_and_training_the_float32_ones(mode):
 
 @needs_bf16_tiles
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-@pytest.mark.parametrize("H,B,I,packed", [(17, 13, 3, False), (70, 1, 20, False), (33, 8, 7, True)])
+@pytest.mark.parametrize("H,B,I,packed", [(17, 13, 3, False), (70, 1, 20, False), (33, 8, 7, True), (64, 37, 64, False),
+                                           (48, 50, 96, True), (32, 32, 32, False)])
 def test_bf16_inference_against_float64(mode, H, B, I, packed):
     """bfloat16 products with float32 accumulation: within bfloat16's resolution of the float64 answer of
     the same (bfloat16-rounded) weights and input, and no further from it than torch.nn's bfloat16 path
-    (oneDNN) where torch.nn has one."""
+    (oneDNN) where torch.nn has one. On AMX the shapes cover A read in place (k a multiple of 32, 16 evenly
+    spaced rows) and copied (odd or short k, short blocks, packed steps), 32-row and 16-row products."""
     torch.manual_seed(0)
     ref = getattr(nn, mode)(I, H, num_layers=2, bidirectional=True).bfloat16()
     ours = getattr(gatedrnn, mode)(I, H, num_layers=2, bidirectional=True).bfloat16()
@@ -306,6 +309,43 @@ def test_bf16_inference_against_float64(mode, H, B, I, packed):
         torch_error = (theirs - want).abs().max().item()
         assert error < 2e-2, error
         assert error <= max(2 * torch_error, 4e-3), (error, torch_error)
+
+
+def _has_amx():
+    with torch.no_grad():
+        calls = calls_during(lambda: gatedrnn.LSTM(3, 4).bfloat16()(torch.randn(2, 1, 3).bfloat16()))
+    return calls.get("bf16_amx_products", 0) > 0
+
+
+HAS_AMX = _has_amx()
+
+
+def test_amx_runs_exactly_where_the_cpu_has_amx_bf16():
+    """backend_info() names it, the counter proves it: bfloat16 inference runs its products on AMX where the
+    CPU has AMX-BF16 and the bfloat16 tiles are on (Linux grants the tile state on request since 5.16)."""
+    flags = _cpu_flags()
+    expected = HAS_BF16_TILES and {"amx_bf16", "amx_tile"} <= flags
+    assert HAS_AMX == expected, (flags & {"amx_bf16", "amx_tile"}, HAS_BF16_TILES)
+    assert gatedrnn.backend_info()["cpu_bf16_amx"] == HAS_AMX
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-BF16 (or its ISA is capped): the vdpbf16ps tiles "
+                                        "already run in test_bf16_inference_against_float64")
+def test_bf16_tiles_without_amx_against_float64():
+    """GATEDRNN_CPU_AMX=0 turns AMX off, so that the vdpbf16ps tiles, which AVX512_BF16 CPUs without AMX run
+    (AMD Zen 4 and 5), are tested on an AMX machine too: the float64 comparison in a process without AMX."""
+    code = ("import torch, gatedrnn; m = gatedrnn.GRU(4, 5).bfloat16()\n"
+            "with torch.no_grad(): m(torch.randn(3, 2, 4).bfloat16())\n"
+            "c = gatedrnn._extension.kernel_calls(); print(gatedrnn.backend_info()['cpu_bf16_amx'],"
+            " c.get('bf16_amx_products', 0), c['gru_forward_step_bf16'])")
+    env = dict(os.environ, GATEDRNN_CPU_AMX="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "0", result.stdout.split()[2]] and int(result.stdout.split()[2]) > 0
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"{__file__}::test_bf16_inference_against_float64"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
 
 
 def test_capping_the_isa_turns_the_bf16_tiles_off():

@@ -61,24 +61,61 @@ GATEDRNN_ALWAYS_INLINE float widen(c10::BFloat16 x) {
   return f;
 }
 
+#ifdef GATEDRNN_HAVE_BF16_TILES
+// One group of a panel from a weight whose rows are contiguous in k: lane l < valid is W's row column0 + l * s0,
+// and each of its first `pairs` k pairs is one 32-bit element of that row, so that one masked gather fills a
+// pair of all 16 lanes (lanes past `valid` get zeros). dst: the group's first pair, pairs `pair_stride` apart.
+GATEDRNN_TARGET_AVX512 inline void gather_pairs(const c10::BFloat16* column0, int64_t s0, int64_t valid, int64_t pairs,
+                                                int64_t pair_stride, c10::BFloat16* dst) {
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(s0)));
+  const __mmask16 lanes = valid >= kBf16Lanes ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, column0 + 2 * q, 2);
+    _mm512_storeu_si512(dst + q * pair_stride, pair);
+  }
+}
+#endif
+
 // Packs a bfloat16 [N, K] weight (row n: output column n; any strides) for the bfloat16 tiles:
-// [tiles, ceil(K/2), G, 16, 2], zeros past N (or past H in a gate's block) and past K.
-inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot) {
-  const int64_t n = w_nk.size(0), k = w_nk.size(1), pairs = (k + 1) / 2, L = kBf16Lanes;
+// [tiles, pairs, G, 16, 2] with pairs >= ceil(K/2) (amx.h pads it), zeros past N (or past H in a gate's block)
+// and past K. Rows contiguous in k are gathered a k pair of 16 columns at a time; other layouts element by
+// element.
+inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot,
+                                  int64_t pairs) {
+  const int64_t n = w_nk.size(0), k = w_nk.size(1), L = kBf16Lanes;
   const int64_t tiles = tile_count(n, groups, L, order), width = groups * L;
   auto out = scratch_tensor(slot, {tiles, pairs, groups, L, 2}, w_nk.options().dtype(at::kBFloat16)).zero_();
   const auto w = w_nk.to(at::kBFloat16);
   const int64_t s0 = w.stride(0), s1 = w.stride(1);
   const c10::BFloat16* src = w.const_data_ptr<c10::BFloat16>();
   c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+#ifdef GATEDRNN_HAVE_BF16_TILES
+  const bool gather = s1 == 1 && s0 < (int64_t(1) << 26) && bf16_tiles_available();
+#else
+  const bool gather = false;
+#endif
   at::parallel_for(0, tiles, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
+      c10::BFloat16* tile = dst + p * pairs * width * 2;
+      int64_t first_k = 0;
+#ifdef GATEDRNN_HAVE_BF16_TILES
+      if (gather) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t column0 = tile_column(order, p, g, 0, groups, L, n);
+          int64_t valid = 0;  // a prefix of the group's lanes (tile_column)
+          while (valid < L && tile_column(order, p, g, valid, groups, L, n) < n) ++valid;
+          if (valid > 0) gather_pairs(src + column0 * s0, s0, valid, k / 2, width * 2, tile + g * L * 2);
+        }
+        first_k = k / 2 * 2;  // an odd depth's last k below
+      }
+#endif
       for (int64_t c = 0; c < width; ++c) {
         const int64_t column = tile_column(order, p, c / L, c % L, groups, L, n);
         if (column >= n) continue;
         const c10::BFloat16* from = src + column * s0;
-        c10::BFloat16* to = dst + p * pairs * width * 2 + c * 2;
-        for (int64_t kk = 0; kk < k; ++kk) to[(kk / 2) * width * 2 + (kk % 2)] = from[kk * s1];
+        c10::BFloat16* to = tile + c * 2;
+        for (int64_t kk = first_k; kk < k; ++kk) to[(kk / 2) * width * 2 + (kk % 2)] = from[kk * s1];
       }
     }
   });

@@ -109,7 +109,7 @@ inline std::vector<Chunk> plan_chunks(const std::vector<Step>& schedule, int64_t
 template <typename S>
 inline at::Tensor pack_for(const at::Tensor& w_nk, int64_t groups, Columns order, Scratch slot) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    return pack_tiles_bf16(w_nk, groups, order, slot);
+    return pack_tiles_bf16(w_nk, groups, order, slot, bf16_panel_pairs(w_nk.size(1)));
   } else {
     return pack_tiles(w_nk, groups, tile_lanes<S>(), order, slot);
   }

@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include "amx.h"
 #include "bf16.h"
 #include "counters.h"
 #include "loops.h"
@@ -362,6 +363,52 @@ struct TileBase {
 // An epilogue must stay vectorisable, and two ways of writing it were seen to break that: a lambda inside
 // it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop with a
 // compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
+// Rows of A per item of a step of `Tiles`: the register tile's MR, or for bfloat16 tiles where AMX runs, the
+// rows of one AMX product (32 for four groups, amx_product_32_rows; else 16).
+template <typename Tiles>
+inline int64_t item_rows() {
+  if constexpr (std::is_same_v<typename Tiles::storage, c10::BFloat16>) {
+    if (amx_available()) return Tiles::kGroups == 4 ? 2 * kAmxRows : kAmxRows;
+  }
+  return tile_rows(Tiles::kGroups);
+}
+
+#ifdef GATEDRNN_HAVE_AMX
+// run_tiles_with's items on AMX: blocks of item_rows() rows, the last one short (a short block costs the tile
+// unit a full one, so there is nothing to balance), one tile product each.
+template <typename Tiles>
+GATEDRNN_ALWAYS_INLINE void run_amx_tiles(const Tiles& s, int64_t begin, int64_t end) {
+  constexpr int G = Tiles::kGroups;
+  constexpr int kRows = G == 4 ? 2 * kAmxRows : kAmxRows;
+  const int64_t row_blocks = (s.rows + kRows - 1) / kRows;
+  const int64_t k_pad = (s.k + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
+  alignas(64) float acc[kRows * G * kBf16Lanes];
+  const c10::BFloat16* a[kRows];
+  AmxRows first_block, second_block;
+  amx_products.calls.fetch_add(1, std::memory_order_relaxed);
+  amx_begin();
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t p = item / row_blocks, b0 = item % row_blocks * kRows;
+    const int64_t rows = std::min<int64_t>(kRows, s.rows - b0);
+    for (int64_t r = 0; r < rows; ++r) a[r] = s.a_row(b0 + r);
+    int64_t stride0 = 0, stride1 = 0;
+    const int64_t rows0 = std::min<int64_t>(rows, kAmxRows);
+    const c10::BFloat16* a0 = first_block.place(a, rows0, s.k, k_pad, stride0);
+    if constexpr (G == 4) {
+      if (rows > kAmxRows) {
+        const c10::BFloat16* a1 = second_block.place(a + kAmxRows, rows - kAmxRows, s.k, k_pad, stride1);
+        amx_product_32_rows(a0, stride0, a1, stride1, k_pad, s.panel(p), acc);
+        s.template finish<kBf16Lanes>(acc, b0, rows, p);
+        continue;
+      }
+    }
+    amx_product<G>(a0, stride0, k_pad, s.panel(p), acc);
+    s.template finish<kBf16Lanes>(acc, b0, rows, p);
+  }
+  amx_end();
+}
+#endif
+
 template <typename Tiles, Isa kIsa, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
@@ -370,6 +417,11 @@ GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64
   constexpr int G = Tiles::kGroups;
   constexpr int L = kBf16 ? kBf16Lanes : vector_bytes(kIsa) / int(sizeof(T));
   constexpr int MR = tile_rows(kIsa, G);
+#ifdef GATEDRNN_HAVE_AMX
+  if constexpr (kBf16 && !kStrided) {
+    if (amx_available()) return run_amx_tiles(s, begin, end);
+  }
+#endif
   // Row blocks of balanced sizes (64 rows: nine of 6 and two of 5, rather than ten of 6 and one of 4):
   // a short block runs the product at a fraction of its speed.
   const int64_t row_blocks = (s.rows + MR - 1) / MR;
@@ -417,7 +469,7 @@ GATEDRNN_ALWAYS_INLINE void run_tiles(const Tiles& s, int64_t begin, int64_t end
 // How many items a step of `Tiles` has: tiles x row blocks.
 template <typename Tiles>
 inline int64_t tile_items(const Tiles& s, int64_t tiles) {
-  const int64_t mr = tile_rows(Tiles::kGroups);
+  const int64_t mr = item_rows<Tiles>();
   return tiles * ((s.rows + mr - 1) / mr);
 }
 
