@@ -311,6 +311,34 @@ def test_bf16_inference_against_float64(mode, H, B, I, packed):
         assert error <= max(2 * torch_error, 4e-3), (error, torch_error)
 
 
+@needs_bf16_tiles
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("I", [40, 41])
+def test_bf16_weights_of_any_layout_give_the_same_bits(mode, I):
+    """The bfloat16 panels are gathered a k pair at a time from weights whose rows are contiguous in k (an odd
+    depth's last k copied alone), and copied element by element from any other layout: the same panels, so
+    the same bits."""
+    torch.manual_seed(0)
+    ops, H, B, gates = torch.ops.gatedrnn, 48, 19, 4 if mode == "LSTM" else 3
+    x, h, c = torch.randn(5, B, I).bfloat16(), torch.randn(B, H).bfloat16(), torch.randn(B, H).bfloat16()
+    w_ih, w_hh = torch.randn(gates * H, I).bfloat16(), torch.randn(gates * H, H).bfloat16()
+    b_ih, b_hh = torch.randn(gates * H).bfloat16(), torch.randn(gates * H).bfloat16()
+
+    def run(w_ih, w_hh):
+        with torch.no_grad():
+            if mode == "LSTM":
+                return ops.lstm_forward(x, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, False)[:3]
+            return ops.gru_forward(x, None, h, w_ih, w_hh, b_ih, b_hh, False, False)[:2]
+
+    def column_major(w):
+        return w.t().contiguous().t()
+
+    calls = calls_during(lambda: run(w_ih, w_hh))
+    assert calls[f"{mode.lower()}_forward_step_bf16"] > 0
+    for got, want in zip(run(column_major(w_ih), column_major(w_hh)), run(w_ih, w_hh)):
+        assert torch.equal(got, want)
+
+
 def _has_amx():
     with torch.no_grad():
         calls = calls_during(lambda: gatedrnn.LSTM(3, 4).bfloat16()(torch.randn(2, 1, 3).bfloat16()))
