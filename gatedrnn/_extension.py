@@ -29,7 +29,8 @@ def backend_info():
     process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs
     its products in bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed
     in float32), ``cpu_bf16_amx`` (True where those bfloat16 products run on the AMX tile unit: Intel CPUs with
-    AMX-BF16, unless GATEDRNN_CPU_AMX=0), ``library`` (path of the shared library) and ``torch`` (the torch version running).
+    AMX-BF16, unless GATEDRNN_CPU_AMX=0), ``library`` (path of the shared library) and ``torch`` (the torch
+    version running).
     """
     build = _C.build_info()
 
@@ -61,7 +62,8 @@ def kernel_calls():
     gru_reset_before_gates_step, gru_reset_before_candidate_step, gru_reset_before_backward_step,
     gru_reset_before_reset_backward_step, gru_reset_before_input_projection, matmul, and the bfloat16 tiles'
     lstm_forward_step_bf16, lstm_input_projection_bf16, gru_forward_step_bf16, gru_input_projection_bf16, of
-    which bf16_amx_products counts the calls that ran on AMX (cpu_bf16_amx in backend_info()). The tests read it to prove the fused step kernels ran."""
+    which bf16_amx_products counts the calls that ran on AMX (cpu_bf16_amx in backend_info()). The tests read it
+    to prove the fused step kernels ran."""
     return dict(_C.kernel_calls())
 
 

@@ -1,10 +1,11 @@
 // AMX (Advanced Matrix Extensions, Intel Xeon since Sapphire Rapids) for the bfloat16 tiles: the same tiles,
 // panels and epilogues as bf16.h, with the product of a tile's 16 rows run by the tile unit. One
 // tdpbf16ps multiplies 16 rows x 32 k of A by 32 k x 16 columns of a panel into 16 x 16 float32 sums, the
-// work of 32 vdpbf16ps; measured on a 2-core Xeon VM with AMX: about 360 GFLOP/s per core for a 16 x 2048 x 512
-// product, against about 30 for the vdpbf16ps tiles, which issue at one per cycle there.
+// work of 32 vdpbf16ps; measured on a 2-core Xeon VM with AMX: about 360 GFLOP/s on one core for a 16 x 2048 x 512
+// product alone, where the vdpbf16ps tiles ran the whole bfloat16 LSTM layer at about 30 per core (vdpbf16ps
+// issues once per cycle there, so bfloat16 ran slower than float32).
 //
-// Tile registers (each 16 rows of 64 bytes): 0-3 the sums of a tile's G <= 4 column groups (16 rows x 16
+// amx_product's tile registers (each 16 rows of 64 bytes): 0-3 the sums of a tile's G <= 4 column groups (16 rows x 16
 // float32), 4 the A block (16 rows x 32 bfloat16), 5-7 the panel blocks, rotated so that a load need not wait
 // for the product still reading the previous one. A panel block is 16 k pairs of one group: bf16.h's packing
 // [pairs][G][16][2] read with a row stride of G * 64 bytes, so the AMX and vdpbf16ps kernels share panels
@@ -38,7 +39,6 @@ namespace gatedrnn::cpu {
 constexpr int kAmxRows = 16;      // rows of A (and of the sums) per tile product
 constexpr int kAmxDepth = 32;     // k per A block: 64 bytes of bfloat16
 constexpr int kAmxPairs = 16;     // k pairs per panel block
-constexpr int kAmxMaxGroups = 4;  // sums in tiles 0-3
 
 // AMX runs the bfloat16 tiles' products in this process.
 inline bool amx_available() {
@@ -135,10 +135,9 @@ GATEDRNN_TARGET_AMX __attribute__((noinline)) void amx_product(const c10::BFloat
 // Each panel block then serves two row blocks, and half of a tile's panel (32 KB at k = 512) is read per pass:
 // the LSTM's four-group panel (64 KB there) does not fit a 48 KB L1, and read once per 16 rows it left the
 // product waiting on L2.
-GATEDRNN_TARGET_AMX __attribute__((noinline)) inline void amx_product_32_rows(const c10::BFloat16* a0, int64_t a0_stride,
-                                                                              const c10::BFloat16* a1, int64_t a1_stride,
-                                                                              int64_t k_pad,
-                                                                              const c10::BFloat16* panel, float* out) {
+GATEDRNN_TARGET_AMX __attribute__((noinline)) inline void amx_product_32_rows(
+    const c10::BFloat16* a0, int64_t a0_stride, const c10::BFloat16* a1, int64_t a1_stride, int64_t k_pad,
+    const c10::BFloat16* panel, float* out) {
   constexpr int G = 4;
   constexpr int64_t kBlockStride = G * 2 * kBf16Lanes * 2, kGroup = 2 * kBf16Lanes;
   constexpr int64_t kOutStride = G * kBf16Lanes * 4, kSecondBlock = kAmxRows * G * kBf16Lanes;
@@ -168,8 +167,8 @@ GATEDRNN_TARGET_AMX __attribute__((noinline)) inline void amx_product_32_rows(co
 }
 
 // The A operand of one tile product: `rows` (<= 16) rows of k elements. Rows that are 16, evenly spaced and
-// of a whole number of blocks are read where they are; any others are copied into a zero-padded block of
-// this thread's, so that the tile unit never reads past a row or a buffer.
+// of a whole number of blocks are read where they are; any others are copied into a zero-padded block that the
+// kernel call owns, so that the tile unit never reads past a row or a buffer.
 struct AmxRows {
   std::vector<c10::BFloat16> padded;
 

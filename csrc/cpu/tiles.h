@@ -356,13 +356,6 @@ struct TileBase {
   }
 };
 
-// Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: a TileBase, rows,
-// a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles has an a_step), and the epilogue
-// finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L] for rows b0.. of tile p.
-//
-// An epilogue must stay vectorisable, and two ways of writing it were seen to break that: a lambda inside
-// it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop with a
-// compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
 // Rows of A per item of a step of `Tiles`: the register tile's MR, or for bfloat16 tiles where AMX runs, the
 // rows of one AMX product (32 for four groups, amx_product_32_rows; else 16).
 template <typename Tiles>
@@ -409,6 +402,13 @@ GATEDRNN_ALWAYS_INLINE void run_amx_tiles(const Tiles& s, int64_t begin, int64_t
 }
 #endif
 
+// Runs tiles [begin, end) of one step for `Tiles`, a struct that describes the step: a TileBase, rows,
+// a_row(b) (row b of A: k elements, or k elements a_step apart when Tiles has an a_step), and the epilogue
+// finish<L>(acc, b0, rows, p) that consumes acc[rows][G][L] for rows b0.. of tile p.
+//
+// An epilogue must stay vectorisable, and two ways of writing it were seen to break that: a lambda inside
+// it (a lambda's body is compiled for the baseline instruction set, not the kernel's), and a loop with a
+// compile-time trip count of L (GCC unrolls it fully, into scalar code). Loop over a runtime width.
 template <typename Tiles, Isa kIsa, bool kStrided>
 GATEDRNN_ALWAYS_INLINE void run_tiles_with(const Tiles& s, int64_t a_step, int64_t begin, int64_t end) {
   using T = typename Tiles::scalar;
