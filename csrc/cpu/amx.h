@@ -40,6 +40,10 @@ constexpr int kAmxRows = 16;      // rows of A (and of the sums) per tile produc
 constexpr int kAmxDepth = 32;     // k per A block: 64 bytes of bfloat16
 constexpr int kAmxPairs = 16;     // k pairs per panel block
 
+// Rows of A per AMX work item of a step with `groups` gate groups: the LSTM's four groups run 32 rows
+// (amx_product_32_rows: two row blocks x two groups per pass fill the eight tile registers); else 16.
+constexpr int amx_item_rows(int groups) { return groups == 4 ? 2 * kAmxRows : kAmxRows; }
+
 // AMX runs the bfloat16 tiles' products in this process.
 inline bool amx_available() {
 #ifdef GATEDRNN_HAVE_AMX

@@ -103,8 +103,7 @@ inline at::Tensor pack_tiles_bf16(const at::Tensor& w_nk, int64_t groups, Column
       if (gather) {
         for (int64_t g = 0; g < groups; ++g) {
           const int64_t column0 = tile_column(order, p, g, 0, groups, L, n);
-          int64_t valid = 0;  // a prefix of the group's lanes (tile_column)
-          while (valid < L && tile_column(order, p, g, valid, groups, L, n) < n) ++valid;
+          const int64_t valid = tile_valid_lanes(order, p, g, groups, L, n);
           if (valid > 0) gather_pairs(src + column0 * s0, s0, valid, k / 2, width * 2, tile + g * L * 2);
         }
         first_k = k / 2 * 2;  // an odd depth's last k below

@@ -105,6 +105,14 @@ inline int64_t tile_column(Columns order, int64_t p, int64_t g, int64_t l, int64
   return unit < per_gate ? g * per_gate + unit : n;
 }
 
+// How many of group g's lanes in tile p stand for a column of the weight (tile_column < n): always a prefix of
+// the group, since tile_column grows with l until it reaches the padding.
+inline int64_t tile_valid_lanes(Columns order, int64_t p, int64_t g, int64_t groups, int64_t lanes, int64_t n) {
+  const int64_t first = order == Columns::Contiguous ? (p * groups + g) * lanes : p * lanes;
+  const int64_t end = order == Columns::Contiguous ? n : n / groups;
+  return std::clamp<int64_t>(end - first, 0, lanes);
+}
+
 // Writes four per-gate values of hidden unit j into a row laid out gate by gate ([4, H] or [4, stride]).
 template <typename T>
 GATEDRNN_ALWAYS_INLINE void store_gates(T* row, int64_t stride, int64_t j, T v0, T v1, T v2, T v3) {

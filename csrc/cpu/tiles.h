@@ -142,8 +142,7 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
   at::parallel_for(0, tiles, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
-        int64_t valid = 0;  // the lanes that stand for a column of W: a prefix of the group
-        while (valid < lanes && tile_column(order, p, g, valid, groups, lanes, n) < n) ++valid;
+        const int64_t valid = tile_valid_lanes(order, p, g, groups, lanes, n);
         const T* column0 = valid ? src + tile_column(order, p, g, 0, groups, lanes, n) * s0 : src;
         pack_group<T>(column0, s0, s1, k, lanes, valid, width, dst + p * k * width + g * lanes);
       }
@@ -305,8 +304,7 @@ GATEDRNN_ALWAYS_INLINE void dot_tile(const Tiles& s, int64_t p, int64_t rows, co
   const int64_t n = s.w_columns;
   for (int g = 0; g < G; ++g) {
     const int64_t c0 = tile_column(s.w_order, p, g, 0, G, L, n);
-    int64_t valid = 0;  // a prefix of the group's lanes (tile_column)
-    while (valid < L && tile_column(s.w_order, p, g, valid, G, L, n) < n) ++valid;
+    const int64_t valid = tile_valid_lanes(s.w_order, p, g, G, L, n);
     for (int64_t r = 0; r < rows; ++r) {
       T* o = out + (r * G + g) * L;
       if (valid == L) {
@@ -357,11 +355,11 @@ struct TileBase {
 };
 
 // Rows of A per item of a step of `Tiles`: the register tile's MR, or for bfloat16 tiles where AMX runs, the
-// rows of one AMX product (32 for four groups, amx_product_32_rows; else 16).
+// rows of one AMX product (amx_item_rows).
 template <typename Tiles>
 inline int64_t item_rows() {
   if constexpr (std::is_same_v<typename Tiles::storage, c10::BFloat16>) {
-    if (amx_available()) return Tiles::kGroups == 4 ? 2 * kAmxRows : kAmxRows;
+    if (amx_available()) return amx_item_rows(Tiles::kGroups);
   }
   return tile_rows(Tiles::kGroups);
 }
@@ -372,7 +370,7 @@ inline int64_t item_rows() {
 template <typename Tiles>
 GATEDRNN_ALWAYS_INLINE void run_amx_tiles(const Tiles& s, int64_t begin, int64_t end) {
   constexpr int G = Tiles::kGroups;
-  constexpr int kRows = G == 4 ? 2 * kAmxRows : kAmxRows;
+  constexpr int kRows = amx_item_rows(G);
   const int64_t row_blocks = (s.rows + kRows - 1) / kRows;
   const int64_t k_pad = (s.k + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
   alignas(64) float acc[kRows * G * kBf16Lanes];
