@@ -8,8 +8,9 @@ detector can fail: it removes each __syncthreads() of the CUDA sources in turn (
 GATEDRNN_EMULATION_SKIP_BARRIER) and expects a reported race on the block's shared memory, after a control run
 of the same workload with every barrier in place that must report nothing.
 
-The runs are subprocesses that start with the ThreadSanitizer runtime preloaded. They take minutes, so
-they run in .ci/sanitize (GATEDRNN_EMULATION_SANITIZER=thread), not in the main test command."""
+The runs are subprocesses that start with the ThreadSanitizer runtime preloaded, over the emulation's
+ThreadSanitizer build (about a minute for the 8 runs, after that build), so they run in .ci/sanitize
+(GATEDRNN_EMULATION_SANITIZER=thread), not in the main test command."""
 import os
 import pathlib
 import re

@@ -95,7 +95,7 @@ class BlockThreads {
 
   // Runs body(t) on threads t = 0 .. count - 1, each on its own CPU thread, and returns when all have.
   void run(unsigned count, const std::function<void(unsigned)>& body) {
-    std::lock_guard<std::mutex> one_launch_at_a_time(launch_);
+    std::lock_guard<std::mutex> one_block_at_a_time(block_);
     std::unique_lock<std::mutex> lock(mutex_);
     while (started_ < count) {
       std::thread([this, id = started_] { work(id); }).detach();
@@ -126,7 +126,7 @@ class BlockThreads {
     }
   }
 
-  std::mutex launch_, mutex_;
+  std::mutex block_, mutex_;  // block_: held while a block runs (one at a time, as its shared memory is static)
   std::condition_variable start_, done_;
   const std::function<void(unsigned)>* body_ = nullptr;
   unsigned started_ = 0, active_ = 0, remaining_ = 0;
