@@ -156,7 +156,8 @@ def test_weights_are_read_in_place_exactly_when_they_multiply_few_rows(mode, T, 
 @pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
 def test_cells_read_in_place_against_torch_nn(mode, I, H, B):
     """A cell's single step reads its weights in place: outputs and every gradient against torch.nn in
-    float64, and the counter that proves the in-place product ran (the backward packs as before)."""
+    float64, and the counters that prove the in-place product ran and that the backward packed no W_hh (a
+    single step has no later step to multiply). B=1 takes ATen's GEMV for the input gradient (cpu_matmul)."""
     torch.manual_seed(0)
     ref = getattr(nn, mode)(I, H).double()
     ours = getattr(gatedrnn, mode)(I, H).double()
@@ -171,10 +172,38 @@ def test_cells_read_in_place_against_torch_nn(mode, I, H, B):
         made = []
         calls = calls_during(lambda: made.append(module(leaf, state)))
         out = list(made[0]) if mode == "LSTMCell" else made
-        grads = torch.autograd.grad(weighted_sum(out), [leaf] + list(module.parameters()))
-        results.append(out + list(grads))
+        backward_calls = calls_during(lambda: results.append(
+            out + list(torch.autograd.grad(weighted_sum(out), [leaf] + list(module.parameters())))))
     assert calls["weights_read_in_place"] == 2
+    assert backward_calls["later_step_weights_packed"] == 0
+    assert backward_calls[f"{mode[:-len('Cell')].lower()}_backward_step"] >= 1
     for e, a in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:gatedrnn. differentiating through")  # the reference's backward, asked for
+@pytest.mark.parametrize("T", [1, 2, 3])
+@pytest.mark.parametrize("mode,variant", [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("LSTM", {"layer_norm": True}),
+                                          ("GRU", {}), ("GRU", {"reset_after": False}), ("GRU", {"layer_norm": True})])
+def test_the_backward_packs_w_hh_only_where_a_later_step_multiplies_it(mode, variant, T):
+    """The backward loop multiplies each step's gradients by W_hh for the step before it; a one-step call
+    (T = 1) has no such product and packs no W_hh: the counter stays at 0, and is 1 per layer and direction
+    from T = 2 on. The gradients either way against the float64 reference (create_graph=True differentiates
+    the reference layer, gatedrnn/reference.py)."""
+    torch.manual_seed(0)
+    module = getattr(gatedrnn, mode)(5, 6, **variant).double()
+    x = torch.randn(T, 2, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, variant.get("proj_size") or 6, dtype=torch.float64, requires_grad=True)
+    state = (h0, torch.randn(1, 2, 6, dtype=torch.float64)) if mode == "LSTM" else h0
+    leaves = [x, h0] + list(module.parameters())
+    grads = []
+    for create_graph in (False, True):
+        output, states = flat_outputs(module(x, state))
+        loss = weighted_sum([output] + states)
+        calls = calls_during(lambda: grads.append(torch.autograd.grad(loss, leaves, create_graph=create_graph)))
+        if not create_graph:
+            assert calls["later_step_weights_packed"] == (0 if T == 1 else 1)
+    for a, e in zip(*grads):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
 
 

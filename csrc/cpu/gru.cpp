@@ -304,7 +304,7 @@ void gru_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, c
                        Tensor& d_gates, Tensor& carry, const OptTensor& zoneout, const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, L = tile_lanes<T>();
   // dh = [dr, dz, dhn] @ W_hh ([3H, H]): the weight is [K, N], packed from its transpose.
-  const auto hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const auto hh = pack_for_later_steps(schedule, w_hh, L, Scratch::PackedRecurrent);
   const auto zeros = at::zeros({kGates * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);
   BackwardTiles<T> cell{

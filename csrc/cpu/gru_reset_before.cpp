@@ -295,7 +295,7 @@ void backward_loop(const std::vector<Step>& schedule, const LayerShape& s, const
                    Tensor& carry, const OptTensor& zoneout, const OptTensor& recurrent_mask) {
   const int64_t H = s.hidden, L = tile_lanes<T>();
   // [dr, dz] @ W_h[rz] ([2H, H]) and dn @ W_hn ([H, H]): weights used as [K, N], packed from their transposes.
-  const auto rz = pack_tiles(w_hh.narrow(0, 0, 2 * H).t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const auto rz = pack_for_later_steps(schedule, w_hh.narrow(0, 0, 2 * H), L, Scratch::PackedRecurrent);
   const auto hn = pack_tiles(w_hh.narrow(0, 2 * H, H).t(), 4, L, Columns::Contiguous, Scratch::PackedProjection);
   const auto zeros = at::zeros({2 * H}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, 4, L, Columns::Contiguous);

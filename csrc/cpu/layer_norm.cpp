@@ -174,7 +174,7 @@ void norm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
                         const Tensor& d_recurrent, Rows rows) {
   const int64_t H = s.hidden, G = gates * H, L = tile_lanes<T>();
   // d(h W_hh^T) @ W_hh: the weight as [K, N], packed from its transpose.
-  const Tensor hh = pack_tiles(w_hh.t(), 4, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const Tensor hh = pack_for_later_steps(schedule, w_hh, L, Scratch::PackedRecurrent);
   const int64_t tiles = tile_count(H, 4, L, Columns::Contiguous);
   const auto zeros = at::zeros({G}, w_hh.options());
   const auto product = at::empty({s.batch, H}, w_hh.options());

@@ -437,7 +437,7 @@ void lstm_backward_loop(const std::vector<Step>& schedule, const LayerShape& s, 
   const bool proj = w_hr.has_value();
   // dh = dG @ W_hh ([4H, R]) and, with a projection, dh_pre = d_proj @ W_hr ([R, H]): both weights are
   // [K, N], packed from their transposes.
-  const auto hh = pack_tiles(w_hh.t(), kGates, L, Columns::Contiguous, Scratch::PackedRecurrent);
+  const auto hh = pack_for_later_steps(schedule, w_hh, L, Scratch::PackedRecurrent);
   const auto hr = proj ? pack_tiles(w_hr->t(), kGates, L, Columns::Contiguous, Scratch::PackedProjection) : Tensor();
   const auto zeros = at::zeros({G}, w_hh.options());
   const int64_t unit_tiles = tile_count(H, kGates, L, Columns::Contiguous);

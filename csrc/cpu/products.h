@@ -276,6 +276,20 @@ inline int64_t point_at_later_step(LaterRows<T>& rows, const std::vector<Step>& 
   return depth;
 }
 
+// A backward loop's weight for the products with the later step's gradients (dG_{t+1} @ W,
+// point_at_later_step): W ([K, N]) packed from its transpose into Contiguous tiles of 4 groups. Where no step
+// has a later one (T = 1: a cell's step), every such product has depth 0 and reads no panel, so nothing is
+// packed: an empty tensor stands for the panels. (Packing was most of a cell's backward: all of W_hh read and
+// written, 4 MB at H = 512, for nothing.)
+inline KernelCounter later_step_weights_packed{"later_step_weights_packed"};  // the tests' proof of the skip
+
+inline at::Tensor pack_for_later_steps(const std::vector<Step>& schedule, const at::Tensor& w_kn, int64_t lanes,
+                                       Scratch slot) {
+  if (schedule.size() < 2) return at::empty({0, 0}, w_kn.options());
+  later_step_weights_packed.calls.fetch_add(1, std::memory_order_relaxed);
+  return pack_tiles(w_kn.t(), 4, lanes, Columns::Contiguous, slot);
+}
+
 // dh0 += (for each batch row, the pre-activation gradients of the step that read h0 for it) @ w: every
 // row reads its initial state exactly once, at its first step in processing order.
 inline void add_initial_state_grad(at::Tensor& dh0, const std::vector<Step>& schedule, const at::Tensor& d_gates,
