@@ -35,7 +35,6 @@
 #include <string>
 #include <thread>
 #include <type_traits>
-#include <vector>
 
 #define __global__
 #define __device__
@@ -93,9 +92,13 @@ class BlockThreads {
     return *threads;
   }
 
-  // Runs body(t) on threads t = 0 .. count - 1, each on its own CPU thread, and returns when all have.
+  // Runs body(t) on threads t = 0 .. count - 1, each on its own CPU thread, and returns when all have; their
+  // __syncthreads() is a barrier of `count` threads, made and published here under block_, so that blocks
+  // launched from two host threads at once cannot swap each other's barrier.
   void run(unsigned count, const std::function<void(unsigned)>& body) {
     std::lock_guard<std::mutex> one_block_at_a_time(block_);
+    std::barrier<> barrier(count);
+    block_barrier = &barrier;
     std::unique_lock<std::mutex> lock(mutex_);
     while (started_ < count) {
       std::thread([this, id = started_] { work(id); }).detach();
@@ -141,8 +144,6 @@ void launch_kernel(void (*kernel)(Params), dim3 grid, dim3 block, const Params& 
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(threads);
-        emulation::block_barrier = &barrier;
         emulation::BlockThreads::instance().run(threads, [&](unsigned t) {
           emulation::thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
           emulation::block_index = {bx, by, bz};
