@@ -9,7 +9,8 @@
 //
 // Which GEMM runs is measured once per process (choose_gemm): on AMD CPUs, where MKL takes its generic
 // path, the tiles run about twice as fast as torch.mm; on others MKL may win. GATEDRNN_CPU_GEMM=tiles or
-// aten forces the choice; backend_info()["cpu_gemm"] names it.
+// aten forces the choice; backend_info()["cpu_gemm"] names it. A product with a single row of A is always
+// ATen's (a matrix-vector product, cpu_matmul).
 #pragma once
 
 #include <ATen/core/Tensor.h>
