@@ -156,8 +156,9 @@ def test_weights_are_read_in_place_exactly_when_they_multiply_few_rows(mode, T, 
 @pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
 def test_cells_read_in_place_against_torch_nn(mode, I, H, B):
     """A cell's single step reads its weights in place: outputs and every gradient against torch.nn in
-    float64, and the counters that prove the in-place product ran and that the backward packed no W_hh (a
-    single step has no later step to multiply). B=1 takes ATen's GEMV for the input gradient (cpu_matmul)."""
+    float64, and the counters that prove the in-place product ran, that the backward packed no W_hh (a
+    single step has no later step to multiply), and that the input gradient of a single row (B=1) was ATen's
+    matrix-vector product (cpu_matmul), and of more rows not."""
     torch.manual_seed(0)
     ref = getattr(nn, mode)(I, H).double()
     ours = getattr(gatedrnn, mode)(I, H).double()
@@ -176,6 +177,10 @@ def test_cells_read_in_place_against_torch_nn(mode, I, H, B):
             out + list(torch.autograd.grad(weighted_sum(out), [leaf] + list(module.parameters())))))
     assert calls["weights_read_in_place"] == 2
     assert backward_calls["later_step_weights_packed"] == 0
+    # A single-row product: the input gradient at B=1 (the GRU's in two parts); the GRU's n-gate weight
+    # gradients at H=1 (d_n^T has H rows).
+    one_row = B == 1 or (mode == "GRUCell" and H == 1)
+    assert (backward_calls["aten_one_row_products"] > 0) == one_row
     assert backward_calls[f"{mode[:-len('Cell')].lower()}_backward_step"] >= 1
     for e, a in zip(*results):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)

@@ -19,6 +19,10 @@ GATEDRNN_TILE_KERNELS(run_matmul_tiles, ProductTiles, "matmul")
 
 constexpr int64_t kDepthBlock = 256;
 
+// cpu_matmul's single-row products, which ATen runs (the tests' proof of which GEMM a B=1 step's input
+// gradient took).
+KernelCounter aten_one_row_products{"aten_one_row_products"};
+
 template <typename T>
 void tile_matmul_typed(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t m = a.size(0), depth = a.size(1), n = b.size(1), L = tile_lanes<T>();
@@ -101,7 +105,10 @@ void cpu_matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
   // where the tiles would first copy all of b into panels for a single use. Measured on an AMD EPYC (Zen 5,
   // two threads), dx = dG @ W_ih of an LSTM step at B = 1, tiles / ATen, in us: 18 / 5 (H = 128), 47 / 19
   // (256), 132 / 66 (512). From two rows on the tiles were as fast or faster (B = 4 at H = 256: 20 / 58).
-  if (a.size(0) == 1) return aten_matmul(c, a, b, accumulate);
+  if (a.size(0) == 1) {
+    aten_one_row_products.calls.fetch_add(1, std::memory_order_relaxed);
+    return aten_matmul(c, a, b, accumulate);
+  }
   if (choose_gemm() == Gemm::Tiles) return tile_matmul(c, a, b, accumulate);
   aten_matmul(c, a, b, accumulate);
 }
