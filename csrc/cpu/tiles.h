@@ -137,7 +137,7 @@ inline void pack_tiles_typed(const at::Tensor& w_nk, int64_t groups, int64_t lan
   const T* src = w_nk.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t width = groups * lanes;
-  // A thread's share: at least 16K elements (64 KB of float), about a microsecond of transposing. With 64K, a
+  // A thread's share: at least 16K elements (64 KB of float), a few microseconds of transposing. With 64K, a
   // weight of H = 128 (W_hh or W_ih of 128 inputs: eight tiles of 8K) was packed by one thread while the other
   // waited (perf: 23 us of a 197 us LSTM call at T=50 B=1 H=128); with 16K the op's median went from 104 to
   // 92 us (AMD EPYC, Zen 5, two threads, 16 interleaved runs each).
