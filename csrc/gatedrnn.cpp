@@ -38,9 +38,10 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   const char* cpu_threads = "single";
 #endif
-  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s,s:i,s:s,s:O,s:O}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime",
+  return Py_BuildValue("{s:O,s:s,s:i,s:s,s:s,s:i,s:s,s:s,s:O,s:O}", "cuda", cuda, "cuda_archs", cuda_archs, "cuda_runtime",
                        cuda_runtime, "cpu_isa", gatedrnn::cpu::cpu_isa_name(), "cpu_threads", cpu_threads,
-                       "cpu_team_size", gatedrnn::cpu::team_size(), "cpu_gemm", gatedrnn::cpu::gemm_name(),
+                       "cpu_team_size", gatedrnn::cpu::team_size(), "cpu_team_barrier",
+                       gatedrnn::cpu::team_barrier_name(), "cpu_gemm", gatedrnn::cpu::gemm_name(),
                        "cpu_bf16_tiles", gatedrnn::cpu::bf16_tiles_available() ? Py_True : Py_False,
                        "cpu_bf16_amx", gatedrnn::cpu::amx_available() ? Py_True : Py_False);
 }

@@ -24,7 +24,9 @@ def backend_info():
     they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_isa`` (which
     compiled variant of the fused CPU tile kernels runs: "avx512", "avx2" or "baseline"; GATEDRNN_CPU_ISA caps
     it), ``cpu_threads`` ("openmp": a team of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size``
-    (threads in a team started now from this thread), ``cpu_gemm`` (the GEMM of the large products after a
+    (threads in a team started now from this thread), ``cpu_team_barrier`` (the barrier between a step's
+    phases in such a team: "gatedrnn", its own spinning one, where the team has a CPU per thread; "openmp",
+    libgomp's, where it has more threads than the CPUs the process may use; "none" for a team of one), ``cpu_gemm`` (the GEMM of the large products after a
     backward loop: "tiles", gatedrnn's own, or "aten", torch.mm; the faster on this machine, timed once per
     process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs
     its products in bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed
@@ -46,6 +48,7 @@ def backend_info():
         "cpu_isa": build["cpu_isa"],
         "cpu_threads": build["cpu_threads"],
         "cpu_team_size": build["cpu_team_size"],
+        "cpu_team_barrier": build["cpu_team_barrier"],
         "cpu_gemm": build["cpu_gemm"],
         "cpu_bf16_tiles": build["cpu_bf16_tiles"],
         "cpu_bf16_amx": build["cpu_bf16_amx"],

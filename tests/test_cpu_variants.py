@@ -124,10 +124,17 @@ def test_each_instruction_set_variant(isa):
         assert err < atol, (case, err)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@pytest.mark.parametrize("threads", sorted({1, 2, 3, USABLE_CPUS + 1}))
 def test_each_team_size(threads):
+    """Teams of 1, 2 and 3 threads, and one with more threads than this process's CPUs: that team keeps
+    libgomp's barrier (csrc/cpu/team.h), the others with more than one thread use gatedrnn's."""
     report = run_variant({"TEST_THREADS": str(threads)})
     assert report["info"]["cpu_team_size"] == threads
+    expected = "none" if threads == 1 else "gatedrnn" if threads <= USABLE_CPUS else "openmp"
+    assert report["info"]["cpu_team_barrier"] == expected
     for case, (err, atol) in report["worst"].items():
         assert err < atol, (case, err)
 
