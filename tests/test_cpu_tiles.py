@@ -450,3 +450,40 @@ def test_an_empty_sequence_passes_the_state_gradient_through(mode):
         weight_grads = grads[2:4]
     for g in weight_grads:
         assert not g.abs().any()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_post_loop_tile_gemm_past_its_blocks_against_torch_nn(isa):
+    """The post-loop GEMM on the tiles (GATEDRNN_CPU_GEMM=tiles) where its blocking shows: dW = dG^T X reads
+    dG^T a block of 96 rows x 256 k at a time into each thread's buffer (csrc/cpu/matmul.cpp), so T x B = 540
+    is three depth blocks (the last of 28) and 4H = 400 five row blocks (the last of 16); dx = dG W_ih reads A
+    in place. Float64 against torch.nn, in a subprocess per instruction set (the GEMM is chosen per process);
+    the kernel counter proves the tiles ran."""
+    code = textwrap.dedent("""
+        import torch, gatedrnn
+        from torch import nn
+        torch.manual_seed(0)
+        worst = 0.0
+        for mode in ("LSTM", "GRU"):
+            ref = getattr(nn, mode)(7, 100).double()
+            ours = getattr(gatedrnn, mode)(7, 100).double()
+            ours.load_state_dict(ref.state_dict())
+            results = []
+            for module in (ref, ours):
+                x = torch.randn(60, 9, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                x.requires_grad_()
+                out = module(x)[0]
+                grads = torch.autograd.grad(out.square().sum(), [x] + list(module.parameters()))
+                results.append(grads)
+            worst = max([worst] + [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results)])
+        info = gatedrnn.backend_info()
+        print(info["cpu_isa"], info["cpu_gemm"], gatedrnn._extension.kernel_calls()["matmul"], worst)
+    """)
+    env = dict(os.environ, GATEDRNN_CPU_GEMM="tiles", GATEDRNN_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ran, gemm, matmul_calls, worst = result.stdout.split()
+    if ran != isa:
+        pytest.skip(f"this CPU cannot run the {isa} tiles (ran {ran})")
+    assert gemm == "tiles" and int(matmul_calls) > 0
+    assert float(worst) < 1e-12, worst

@@ -2,10 +2,12 @@
 // CPU tiles, when they are faster than ATen's GEMM on this machine.
 //
 // C (+)= A @ B for any strides of A and B: B is packed into Contiguous tiles (a copy of B, which the product
-// then reads MR rows at a time), A is read in place (a transposed view such as dG^T is a strided A, whose
-// MR rows per k are neighbours in one cache line). The depth is split into blocks of kDepthBlock, so that a
-// tile's panel block stays in L2 while every row block of A passes over it; each thread owns the same tiles
-// of C in every depth block, so the blocks need no barrier between them.
+// then reads MR rows at a time). A with contiguous rows is read in place; a transposed view (dG^T in the
+// weight gradients, whose rows are neighbours and whose k are a row of dG apart) is copied a block of rows
+// and depth at a time into each thread's buffer, with a stride that is no multiple of 4 KB (matmul.cpp).
+// The depth is split into blocks of kDepthBlock, so that a tile's panel block stays in L2 while every row
+// block of A passes over it; each thread owns the same tiles of C in every depth block, so the blocks need
+// no barrier between them.
 //
 // Which GEMM runs is measured once per process (choose_gemm): on AMD CPUs, where MKL takes its generic
 // path, the tiles run about twice as fast as torch.mm; on others MKL may win. GATEDRNN_CPU_GEMM=tiles or

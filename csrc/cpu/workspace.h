@@ -21,6 +21,7 @@ namespace gatedrnn::cpu {
 // Gates: an inference call's projection chunk, or a backward's gate gradients. Packed*: weights packed for
 // the tiles (tiles.h), which a call repacks every time (a fresh buffer would be faulted in every time).
 // Norm*: the layer_norm backward's gradients reaching its two products and its cell norm (layer_norm.cpp).
+// MatmulRows: the post-loop GEMM's copies of a transposed A, a block at a time (matmul.cpp).
 enum class Scratch {
   Gates,
   Projection,
@@ -31,6 +32,7 @@ enum class Scratch {
   NormInputGrads,
   NormRecurrentGrads,
   NormCellGrads,
+  MatmulRows,
   kCount
 };
 
