@@ -1,4 +1,5 @@
 """Measuring one case: same-weight modules, agreement first, interleaved timing, memory, GEMM roofline."""
+import contextlib
 import copy
 import statistics
 import time
@@ -126,10 +127,13 @@ def _output_tensor(result):
 
 
 def make_step(case, name, module, x, leaf):
-    """One timed call: inference under no_grad, or forward + backward of the output's sum."""
+    """One timed call: inference under no_grad, or forward + backward of the output's sum. cuDNN's flags are
+    set on CUDA only: entering torch.backends.cudnn.flags costs about 6 us a call, which at B=1 on the CPU
+    would be timed as part of both sides."""
+    on_cuda = leaf.device.type == "cuda"
 
     def run():
-        with _cudnn_flags(name):
+        with _cudnn_flags(name) if on_cuda else contextlib.nullcontext():
             if case.training:
                 module.zero_grad(set_to_none=True)
                 leaf.grad = None
