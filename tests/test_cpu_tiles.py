@@ -456,8 +456,8 @@ def test_an_empty_sequence_passes_the_state_gradient_through(mode):
 def test_post_loop_tile_gemm_past_its_blocks_against_torch_nn(isa):
     """The post-loop GEMM on the tiles (GATEDRNN_CPU_GEMM=tiles) where its blocking shows: dW = dG^T X reads
     dG^T a block of 96 rows x 256 k at a time into each thread's buffer (csrc/cpu/matmul.cpp), so T x B = 540
-    is three depth blocks (the last of 28) and 4H = 400 five row blocks (the last of 16); dx = dG W_ih reads A
-    in place. Float64 against torch.nn, in a subprocess per instruction set (the GEMM is chosen per process);
+    is three depth blocks (the last of 28) and 4H = 400 five such blocks of rows (the last of 16); dx = dG W_ih
+    reads A in place. Float64 against torch.nn, in a subprocess per instruction set (the GEMM is chosen per process);
     the kernel counter proves the tiles ran."""
     code = textwrap.dedent("""
         import torch, gatedrnn

@@ -79,7 +79,9 @@ void tile_matmul_typed(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, 
         for (int64_t k = 0; k < mt.k; ++k) {
           const T* from = base.a + (k0 + k) * base.a_step + m0;
           std::memcpy(rows + k * kRowPad, from, mt.rows * sizeof(T));
-          for (int64_t e = 0; e < next_rows; e += 64 / int64_t(sizeof(T))) __builtin_prefetch(from + kRowChunk + e, 0, 2);
+          for (int64_t e = 0; e < next_rows; e += 64 / int64_t(sizeof(T))) {
+            __builtin_prefetch(from + kRowChunk + e, 0, 2);
+          }
         }
         mt.a = rows;
         mt.a_row_stride = 1;
