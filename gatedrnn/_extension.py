@@ -19,20 +19,19 @@ OPS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
 def backend_info():
     """What the extension was built with and which devices have fused kernels registered.
 
-    Returns a dict: ``cpu`` (True when every op has a CPU kernel), ``cuda`` (True when every op has a CUDA
-    kernel), ``cuda_compiled`` (the CUDA sources were built), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST
-    they were built for), ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_isa`` (which
-    compiled variant of the fused CPU tile kernels runs: "avx512", "avx2" or "baseline"; GATEDRNN_CPU_ISA caps
-    it), ``cpu_threads`` ("openmp": a team of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size``
-    (threads in a team started now from this thread), ``cpu_team_barrier`` (the barrier between a step's
-    phases in such a team: "gatedrnn", its own spinning one, where the team has a CPU per thread; "openmp",
-    libgomp's, where it has more threads than the CPUs the process may use; "none" for a team of one),
-    ``cpu_gemm`` (the GEMM of the large products after a backward loop: "tiles", gatedrnn's own, or "aten",
-    torch.mm; the faster on this machine, timed once per process, or as GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs
-    its products in bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed
-    in float32), ``cpu_bf16_amx`` (True where those bfloat16 products run on the AMX tile unit: Intel CPUs with
-    AMX-BF16, unless GATEDRNN_CPU_AMX=0), ``library`` (path of the shared library) and ``torch`` (the torch
-    version running).
+    Returns a dict: ``cpu`` (True when every op has a CPU kernel), ``cuda`` (True when every op has a CUDA kernel),
+    ``cuda_compiled`` (the CUDA sources were built), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST they were built for),
+    ``cuda_runtime`` (CUDA runtime version, e.g. 13000, or 0), ``cpu_isa`` (which compiled variant of the fused CPU
+    tile kernels runs: "avx512", "avx2" or "baseline"; GATEDRNN_CPU_ISA caps it), ``cpu_threads`` ("openmp": a team
+    of torch's OpenMP threads runs each time loop; "single"), ``cpu_team_size`` (threads in a team started now from
+    this thread), ``cpu_team_barrier`` (the barrier between a step's phases in such a team: "gatedrnn", its own
+    spinning one, where the team has a CPU per thread; "openmp", libgomp's, where it has more threads than the CPUs
+    the process may use; "none" for a team of one), ``cpu_gemm`` (the GEMM of the large products after a backward
+    loop: "tiles", gatedrnn's own, or "aten", torch.mm; the faster on this machine, timed once per process, or as
+    GATEDRNN_CPU_GEMM=tiles|aten forces), ``cpu_bf16_tiles`` (True where bfloat16 inference runs its products in
+    bfloat16 with float32 accumulation: CPUs with AVX512_BF16; elsewhere bfloat16 is computed in float32),
+    ``cpu_bf16_amx`` (True where those bfloat16 products run on the AMX tile unit: Intel CPUs with AMX-BF16, unless
+    GATEDRNN_CPU_AMX=0), ``library`` (path of the shared library) and ``torch`` (the torch version running).
     """
     build = _C.build_info()
 
